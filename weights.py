@@ -79,6 +79,9 @@ class CheckpointReader:
             self._handles[f] = safe_open(f, framework="pt")
         return self._handles[f].get_tensor(key)
 
+    def items(self):
+        return ((k, self.get(k)) for k in self._where)
+
 
 class DictReader:
     """The same interface over an in-memory state dict (for XTuner .pth contents and tests)."""
@@ -97,6 +100,9 @@ class DictReader:
 
     def get(self, key):
         return self.sd[key]
+
+    def items(self):
+        return self.sd.items()
 
 
 def as_reader(src):

@@ -1,0 +1,201 @@
+"""Chat with a trained LLaVA about an image, in the terminal.
+
+    python chat.py --image photo.jpg                 # the newest trained model (runs/latest)
+    python chat.py --model runs/finetune-.../model   # any supported layout: run folder, HF LLaVA, XTuner, official
+    python chat.py                                   # text-only
+
+One line is one message. Commands: RESET (new conversation), EXIT, IMAGE <path> (new conversation about another
+image). Template, vision tower, projector and select layer come from the model folder, so no other flag is needed.
+
+Each turn is prefilled on top of the KV cache of the previous turns (only the new tokens are computed, unlike
+XTuner's chat, which re-encodes the whole history every turn). Sampling defaults are XTuner's (temperature 0.1,
+top-k 40, top-p 0.75, up to 2048 new tokens); generation stops at <|eot_id|> / <|end_of_text|>, and special tokens
+are never printed.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+import clip
+import data
+from model import decode_step, generate, load_model
+
+
+class Conversation:
+    """The running conversation: what is in the KV cache, and how to add a turn to it."""
+
+    def __init__(self, model, tok, cfg, args, out=sys.stdout):
+        self.model, self.tok, self.cfg, self.args, self.out = model, tok, cfg, args, out
+        self.template = data.TEMPLATES[cfg.get("template", "llama3_chat")]
+        self.stop_ids = [tok.special(s) for s in self.template.stop_words if s in tok.special_tokens]
+        self.stop_ids += [i for i in getattr(tok, "stop_ids", []) if i not in self.stop_ids]
+        self.device = model.llm.embed_tokens.weight.device
+        self.step_fn = None
+        if args.compile:
+            if self.device.type != "cuda":
+                print("(--compile is for GPUs; running eager on CPU)", file=out)
+            else:
+                self.step_fn = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        self.image = None
+        self.reset()
+
+    def reset(self):
+        self.cached = 0          # tokens already in the KV cache
+        self.carry = []          # the last generated token, not yet fed to the model
+        self.turns = 0
+        self.pixels = None
+        self.prefilled = []      # tokens prefilled per turn (shown by --stats; tested)
+
+    def set_image(self, path):
+        try:
+            img = clip.load_image(path)
+        except (OSError, clip.ImageError) as e:
+            print(f"[cannot use image {path}: {e}; the chat goes on without it]", file=self.out)
+            return False
+        size = self.cfg.get("image_size", 336)
+        pad = self.cfg.get("image_mode", "pad") == "pad"
+        self.image = clip.preprocess(img, size, pad_to_square=pad)[None]  # (1, 3, S, S)
+        self.reset()
+        return True
+
+    def ask(self, text):
+        first = self.turns == 0
+        if first and self.image is not None:
+            text = "<image>\n" + text
+        ids = data.encode_prompt(self.tok, self.template, text, system=self.args.system if first else None,
+                                 first_turn=first, image_tokens=self.cfg.get("image_tokens", 576))
+        if not first:
+            # the previous answer's last token was sampled but never fed: it opens this turn's prefill
+            ids = self.carry + ids
+        pixels = None
+        if first and self.image is not None:
+            pixels = self.image.to(self.device)
+        need = self.cached + len(ids) + self.args.max_new_tokens
+        if need > self.args.context:
+            if first:
+                print(f"[this message needs {need} tokens with --max-new-tokens; the context is {self.args.context}: "
+                      "raise --context or lower --max-new-tokens]", file=self.out)
+                return []
+            print(f"[the conversation reached the context of {self.args.context} tokens; starting a new one]",
+                  file=self.out)
+            self.reset()
+            return self.ask(text)
+        self.prefilled.append(len(ids))
+
+        printer = _Streamer(self.tok, self.out, self.stop_ids)
+        t0 = time.perf_counter()
+        first_token = []
+
+        def on_token(row, t):
+            if not first_token:
+                first_token.append(time.perf_counter())
+            printer.push(t)
+
+        gen = torch.Generator(device=self.device).manual_seed(self.args.seed + self.turns)
+        new = generate(self.model, [ids], pixels, max_new_tokens=self.args.max_new_tokens,
+                       temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
+                       stop_ids=self.stop_ids, on_token=on_token, cache_offset=self.cached,
+                       max_cache_len=self.args.context, step_fn=self.step_fn, generator=gen)[0]
+        t1 = time.perf_counter()
+        printer.flush()
+        print(file=self.out)
+        self.cached += len(ids) + len(new) - 1
+        self.carry = [new[-1]]
+        if new[-1] not in self.stop_ids:  # cut off by max_new_tokens: close the answer as the template would
+            self.carry.append(self.stop_ids[0])
+        self.turns += 1
+        if self.args.stats and first_token:
+            ttft = first_token[0] - t0
+            rate = (len(new) - 1) / (t1 - first_token[0]) if len(new) > 1 and t1 > first_token[0] else 0.0
+            print(f"[prefill {len(ids)} tokens | time to first token {ttft * 1000:.0f} ms | "
+                  f"{len(new)} tokens | {rate:.1f} tok/s]", file=self.out)
+        return new
+
+
+class _Streamer:
+    """Prints tokens as they come, holding back bytes that do not yet form whole UTF-8 characters."""
+
+    def __init__(self, tok, out, stop_ids):
+        self.tok, self.out, self.stop_ids, self.pending = tok, out, set(stop_ids), []
+
+    def push(self, t):
+        if t in self.stop_ids or self.tok.is_special(t):
+            return
+        self.pending.append(t)
+        text = self.tok.decode(self.pending)
+        if not text.endswith("\ufffd"):
+            self.out.write(text)
+            self.out.flush()
+            self.pending = []
+
+    def flush(self):
+        if self.pending:
+            self.out.write(self.tok.decode(self.pending))
+            self.pending = []
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: runs/latest)")
+    p.add_argument("--image", default=None, help="image to talk about (omit for a text-only chat)")
+    p.add_argument("--system", default=None, help="system prompt (none by default, as in training)")
+    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--context", type=int, default=8192, help="KV cache length (tokens) of one conversation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
+                   help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="answer these messages (repeatable) and exit, instead of reading stdin")
+    return p.parse_args(argv)
+
+
+def main(argv=None, stdin=sys.stdin, out=sys.stdout):
+    args = parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[
+        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    try:
+        model, tok, cfg = load_model(args.model, dtype=dtype, device=args.device)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
+    chat = Conversation(model, tok, cfg, args, out)
+    if args.image:
+        chat.set_image(args.image)
+    interactive = args.prompt is None and stdin.isatty()
+    if interactive:
+        print("One line per message. RESET: new conversation, IMAGE <path>: new image, EXIT: quit.", file=out)
+    lines = iter(args.prompt) if args.prompt is not None else stdin
+    while True:
+        if interactive:
+            print("\n>>> ", end="", file=out, flush=True)
+        line = next(lines, None)
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "EXIT":
+            break
+        if text == "RESET":
+            chat.reset()
+            print("[new conversation]", file=out)
+            continue
+        if text.startswith("IMAGE "):
+            if chat.set_image(text[6:].strip()):
+                print(f"[new conversation about {text[6:].strip()}]", file=out)
+            continue
+        chat.ask(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
