@@ -29,9 +29,9 @@ class Conversation:
 
     def __init__(self, model, tok, cfg, args, out=sys.stdout):
         self.model, self.tok, self.cfg, self.args, self.out = model, tok, cfg, args, out
-        self.template = data.TEMPLATES[cfg.get("template", "llama3_chat")]
-        self.stop_ids = [tok.special(s) for s in self.template.stop_words if s in tok.special_tokens]
-        self.stop_ids += [i for i in getattr(tok, "stop_ids", []) if i not in self.stop_ids]
+        self.template = data.get_template(cfg.get("template", "llama3_chat"))
+        self.stop_ids = data.stop_token_ids(tok, self.template)
+        self.stop_ids += [i for i in tok.stop_ids if i not in self.stop_ids]
         self.device = model.llm.embed_tokens.weight.device
         self.step_fn = None
         if args.compile:

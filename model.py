@@ -147,6 +147,11 @@ def decode_step(llm, token, position, cache_pos, key_valid):
     return llm.lm_head(h[:, -1]).float()
 
 
+def cache_size(llm):
+    cache = llm.layers[0].self_attn.cache
+    return 0 if cache is None else cache.k.shape[2]
+
+
 @torch.no_grad()
 def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
              stop_ids=(), on_token=None, cache_offset=0, max_cache_len=None, step_fn=None, generator=None):
@@ -166,11 +171,11 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
         raise ValueError("continuing from a cache is for a single conversation (batch of one)")
     need = cache_offset + T + max_new_tokens
     cache_len = max(need, max_cache_len or 0)
-    if cache_offset == 0 or llm.cache_size() < need:
+    if cache_offset == 0 or cache_size(llm) < need:
         if cache_offset:
-            raise ValueError(f"the KV cache holds {llm.cache_size()} positions, {need} are needed")
+            raise ValueError(f"the KV cache holds {cache_size(llm)} positions, {need} are needed")
         llm.setup_cache(B, cache_len, dtype=llm.embed_tokens.weight.dtype, device=device)
-    S = llm.cache_size()
+    S = cache_size(llm)
 
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
     valid = torch.zeros(B, T, dtype=torch.bool, device=device)
@@ -315,9 +320,11 @@ PROJECTOR_KEYS = {f"linear_{i}.{p}": f"linear_{i}.{p}" for i in (1, 2) for p in 
 # ---- the HF transformers LlavaForConditionalGeneration folder ------------------------------------------------------
 
 
-def hf_llava_keys(new_layout=False):
+def hf_llava_keys(new_layout=False, vision_table=clip.HF_KEYS):
     """Key table of an HF LLaVA folder. `save_pretrained` writes the pre-4.52 layout (`language_model.model.*`,
-    `vision_tower.*`); transformers >= 4.52 holds `model.language_model.*` in memory and some repos store that."""
+    `vision_tower.*`); transformers >= 4.52 holds `model.language_model.*` in memory and some repos store that.
+    Inside the tower, checkpoints written by transformers < 5.23 say `vision_model.*`, newer ones drop that level
+    (`vision_table=clip.HF_KEYS_UNPREFIXED`); we write the older spelling, which every version reads."""
     if new_layout:
         text = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
                 for k, v in llama.HF_KEYS.items()}
@@ -326,7 +333,7 @@ def hf_llava_keys(new_layout=False):
         text = {"language_model." + k: v for k, v in llama.HF_KEYS.items()}
         vis, proj = "vision_tower.", "multi_modal_projector."
     table = {k: (None if v is None else "llm." + v) for k, v in text.items()}
-    table.update({vis + k: (None if v is None else "vision." + v) for k, v in clip.HF_KEYS.items()})
+    table.update({vis + k: (None if v is None else "vision." + v) for k, v in vision_table.items()})
     for i in (1, 2):
         for p in ("weight", "bias"):
             table[f"{proj}linear_{i}.{p}"] = f"projector.linear_{i}.{p}"
@@ -346,8 +353,11 @@ def load_hf_llava(folder, dtype=torch.bfloat16, device="cpu"):
         model = LLaVA(clip.CLIPVisionTower(vcfg), Projector(vcfg.hidden_size, tcfg.hidden_size),
                       llama.Llama(tcfg), select)
     reader = CheckpointReader(folder)
-    new = any(k.startswith("model.language_model.") for k in reader.keys())
-    load_with_table(model, reader, hf_llava_keys(new), dtype=dtype, device=device)
+    keys = reader.keys()
+    new = any(k.startswith("model.language_model.") for k in keys)
+    vis = "model.vision_tower." if new else "vision_tower."
+    vision_table = clip.table_for([k[len(vis):] for k in keys if k.startswith(vis)])
+    load_with_table(model, reader, hf_llava_keys(new, vision_table), dtype=dtype, device=device)
     model.llm.init_rope(device)
     model.eval()
     tok = load_tokenizer(folder)
