@@ -1,0 +1,181 @@
+"""model.py against transformers' LlavaForConditionalGeneration, and generation against full forwards."""
+
+import torch
+import pytest
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import model as M
+
+IMAGE_ID = 250  # the HF model's image token id (inside the tiny vocabulary); ours uses -200 at those positions
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF's init leaves tiny weights; make the projector and norms matter
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folder = tmp_path_factory.mktemp("hf_llava")
+    hf.save_pretrained(folder)
+    ours, _, _ = _load(folder)
+    return hf, ours
+
+
+def _load(folder):
+    # the tiny HF folder has no tokenizer; load the weights through the same key table load_hf_llava uses
+    from weights import CheckpointReader, load_with_table
+    import clip, llama
+    from weights import read_json
+    hf = read_json(folder / "config.json")
+    vcfg = clip.CLIPConfig.from_hf_config(hf["vision_config"])
+    tcfg = llama.LlamaConfig.from_hf_config(hf["text_config"])
+    with torch.device("meta"):
+        m = M.LLaVA(clip.CLIPVisionTower(vcfg), M.Projector(vcfg.hidden_size, tcfg.hidden_size), llama.Llama(tcfg))
+    reader = CheckpointReader(folder)
+    keys = reader.keys()
+    new = any(k.startswith("model.language_model.") for k in keys)
+    vis = "model.vision_tower." if new else "vision_tower."
+    table = M.hf_llava_keys(new, clip.table_for([k[len(vis):] for k in keys if k.startswith(vis)]))
+    load_with_table(m, reader, table, dtype=torch.float32)
+    m.llm.init_rope("cpu")
+    return m.eval(), None, None
+
+
+def _batch(n_patches=16):
+    g = torch.Generator().manual_seed(1)
+    text_a = torch.randint(0, 200, (5,), generator=g).tolist()
+    text_b = torch.randint(0, 200, (7,), generator=g).tolist()
+    ids_hf = [text_a + [IMAGE_ID] * n_patches + text_b, text_b + [IMAGE_ID] * n_patches + text_a + text_a]
+    T = max(map(len, ids_hf))
+    ids_hf = [x + [0] * (T - len(x)) for x in ids_hf]  # right padding, masked out of the loss below
+    ids_hf = torch.tensor(ids_hf)
+    ids_ours = ids_hf.masked_fill(ids_hf == IMAGE_ID, M.IMAGE_TOKEN_INDEX)
+    labels = ids_hf.clone()
+    labels[ids_hf == IMAGE_ID] = M.IGNORE_INDEX
+    labels[0, len(text_a) + n_patches + len(text_b):] = M.IGNORE_INDEX  # row 0's padding
+    labels[:, :3] = M.IGNORE_INDEX                                     # an unsupervised prompt
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    return ids_hf, ids_ours, labels, pixels
+
+
+def test_logits_and_loss_equal_transformers(hf_and_ours):
+    hf, ours = hf_and_ours
+    ids_hf, ids_ours, labels, pixels = _batch()
+    with torch.no_grad():
+        out = hf(input_ids=ids_hf, pixel_values=pixels, labels=labels)
+        logits = ours.logits(ids_ours, pixels)
+        loss_sum, n = ours(ids_ours, labels, pixels)
+    assert (logits - out.logits).abs().max() < 1e-5
+    # ours returns the summed loss and the supervised count; HF returns their mean
+    assert abs(loss_sum.item() / n.item() - out.loss.item()) < 1e-5
+    assert n.item() == (labels[:, 1:] != -100).sum().item()
+
+
+def test_chunked_loss_equals_unchunked_with_gradients(hf_and_ours):
+    _, ours = hf_and_ours
+    ids_hf, ids_ours, labels, pixels = _batch()
+    grads = []
+    for chunk in (4096, 3):  # 3 splits the supervised positions into many chunks, each recomputed in backward
+        ours.zero_grad()
+        ours.loss_chunk = chunk
+        ours.train()
+        loss, n = ours(ids_ours, labels, pixels)
+        (loss / n).backward()
+        grads.append((loss.item(), ours.projector.linear_1.weight.grad.clone(), ours.llm.lm_head.weight.grad.clone()))
+    ours.eval()
+    ours.loss_chunk = 4096
+    assert abs(grads[0][0] - grads[1][0]) < 1e-4
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6)
+
+
+def test_frozen_vision_builds_no_graph(hf_and_ours):
+    _, ours = hf_and_ours
+    ours.vision.requires_grad_(False)
+    ours.train()
+    feats = ours.encode_images(torch.randn(1, 3, 32, 32))
+    ours.eval()
+    # the projector trains, so its output has a graph, but nothing before it does
+    assert feats.requires_grad and feats.grad_fn is not None
+    x = ours.vision(torch.randn(1, 3, 32, 32))
+    ours.vision.requires_grad_(True)
+    assert not x.requires_grad
+
+
+def test_splice_counts_are_checked(hf_and_ours):
+    _, ours = hf_and_ours
+    _, ids, _, pixels = _batch()
+    with pytest.raises(RuntimeError):  # 2 images' positions, 1 image: masked_scatter refuses a short source
+        ours.logits(ids, pixels[:1])
+
+
+def _greedy_reference(model, prompt, pixels, n):
+    """Greedy continuation by full forwards, no cache: the definition generation must reproduce."""
+    ids = list(prompt)
+    out = []
+    for _ in range(n):
+        logits = model.logits(torch.tensor([ids]), pixels)[0, -1]
+        top2 = logits.topk(2).values
+        out.append((int(logits.argmax()), float(top2[0] - top2[1])))
+        ids.append(out[-1][0])
+    return out
+
+
+def test_generate_equals_full_forward_and_batching(hf_and_ours):
+    _, ours = hf_and_ours
+    ours = ours.double()
+    g = torch.Generator().manual_seed(3)
+    img = [M.IMAGE_TOKEN_INDEX] * 16
+    prompts = [torch.randint(0, 200, (4,), generator=g).tolist() + img + torch.randint(0, 200, (3,), generator=g).tolist(),
+               img + torch.randint(0, 200, (9,), generator=g).tolist(),
+               torch.randint(0, 200, (2,), generator=g).tolist() + img]
+    pixels = torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64)
+    alone = [M.generate(ours, [p], pixels[i:i + 1], max_new_tokens=8) for i, p in enumerate(prompts)]
+    batched = M.generate(ours, prompts, pixels, max_new_tokens=8)
+    for i, p in enumerate(prompts):
+        ref = _greedy_reference(ours, p, pixels[i:i + 1], 8)
+        # in fp64 a near tie cannot flip; compare up to the first position where the top two are closer than 1e-9
+        n = next((k for k, (_, gap) in enumerate(ref) if gap < 1e-9), len(ref))
+        assert alone[i][0][:n] == [t for t, _ in ref][:n]
+        assert batched[i][:n] == alone[i][0][:n]
+    ours.float()
+
+
+def test_generate_stops_and_continues_from_cache(hf_and_ours):
+    _, ours = hf_and_ours
+    ours = ours.double()
+    prompt = [5, 6, 7] + [M.IMAGE_TOKEN_INDEX] * 16 + [8, 9]
+    pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    full = M.generate(ours, [prompt], pixels, max_new_tokens=6)[0]
+    stopped = M.generate(ours, [prompt], pixels, max_new_tokens=6, stop_ids=[full[2]])[0]
+    assert stopped == full[:full.index(full[2]) + 1]
+    # a second turn on top of the cache equals generating over the whole history at once
+    first = M.generate(ours, [prompt], pixels, max_new_tokens=4, max_cache_len=64)[0]
+    follow = [11, 12, 13]
+    cont = M.generate(ours, [[first[-1]] + follow], None, max_new_tokens=4,
+                      cache_offset=len(prompt) + len(first) - 1)[0]
+    whole = M.generate(ours, [prompt + first + follow], pixels, max_new_tokens=4)[0]
+    assert cont == whole
+    ours.float()
+
+
+def test_sample_filters():
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert M.sample(logits).item() == 2
+    assert M.sample(logits, temperature=1.0, top_k=1, generator=g).item() == 2
+    assert M.sample(logits, temperature=1.0, top_p=1e-6, generator=g).item() == 2
+    draws = {M.sample(logits, temperature=5.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {2, 3}
+    # top-p 0.75 keeps the smallest set reaching 0.75: probabilities of [3, 2, 1, ...] are .64, .24, ...
+    draws = {M.sample(logits, temperature=1.0, top_p=0.75, generator=g).item() for _ in range(300)}
+    assert draws == {2, 3}
