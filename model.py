@@ -357,7 +357,13 @@ def load_hf_llava(folder, dtype=torch.bfloat16, device="cpu"):
     new = any(k.startswith("model.language_model.") for k in keys)
     vis = "model.vision_tower." if new else "vision_tower."
     vision_table = clip.table_for([k[len(vis):] for k in keys if k.startswith(vis)])
-    load_with_table(model, reader, hf_llava_keys(new, vision_table), dtype=dtype, device=device)
+    table = hf_llava_keys(new, vision_table)
+    if tcfg.tie_word_embeddings:  # one shared matrix, stored as the embedding (as llama.load_llama does)
+        del model.llm.lm_head.weight
+        table = {k: (None if v == "llm.lm_head.weight" else v) for k, v in table.items()}
+    load_with_table(model, reader, table, dtype=dtype, device=device)
+    if tcfg.tie_word_embeddings:
+        model.llm.lm_head.weight = model.llm.embed_tokens.weight
     model.llm.init_rope(device)
     model.eval()
     tok = load_tokenizer(folder)
