@@ -1,0 +1,388 @@
+"""train.py on CPU with tiny random models: loss normalisation, multi-process equivalence, kill-and-resume, bad data.
+
+The models are written by our own clip.save_clip / llama.save_llama (random weights, HF layout) with Meta's real
+Llama-3 tokenizer.model copied in (from the llama-models test dependency). References are independent of train.py:
+the loss and gradient of a plain PyTorch forward over the same samples, a run never killed, a one-process run.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import clip
+import data
+import llama
+import train
+from model import IGNORE_INDEX
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = 32  # tiny CLIP input: 32 px, patch 8 -> 16 image positions per image
+
+
+def stub_shm_op():
+    """DeepSpeed JIT-builds its shared-memory op at the first init on a CPU machine (~25 s; env_check pitfall 3);
+    only inference_all_reduce uses it."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def write_tiny_models(folder):
+    """folder/llm (Llama, vocab of the real Llama-3 tokenizer, hidden 32) and folder/vision (CLIP, 32 px)."""
+    import llama_models
+
+    torch.manual_seed(0)
+    vcfg = clip.CLIPConfig(image_size=IMAGE, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
+                           intermediate_size=64)
+    clip.save_clip(clip.CLIPVisionTower(vcfg), folder / "vision")
+    lcfg = llama.LlamaConfig(vocab_size=128256, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=64, max_position_embeddings=512)
+    llama.save_llama(llama.Llama(lcfg), folder / "llm", dtype=torch.float32)
+    (folder / "llm" / "original").mkdir()
+    shutil.copy(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", folder / "llm" / "original")
+    return folder / "llm", folder / "vision"
+
+
+WORDS = "red green blue circle square big small left right top bottom shape colour picture".split()
+
+
+def write_records(folder, n, seed=0, name="train.json", size=(40, 30)):
+    """n LLaVA records about n small PNGs, answers of different lengths."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"images/{i}.png")
+        answer = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))
+        recs.append({"id": f"r{i}", "image": f"{i}.png",
+                     "conversations": [{"from": "human", "value": "<image>\nDescribe the picture."},
+                                       {"from": "gpt", "value": answer}]})
+    (folder / name).write_text(json.dumps(recs))
+    return folder / name
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    llm, vision = write_tiny_models(root)
+    records = write_records(root, 16)
+    return {"root": root, "llm": llm, "vision": vision, "data": records, "images": root / "images"}
+
+
+def base_args(tiny, out, *extra, data=None, images=None):
+    return ["--stage", "pretrain", "--llm", str(tiny["llm"]), "--vision", str(tiny["vision"]),
+            "--data", str(data or tiny["data"]), "--image-folder", str(images or tiny["images"]), "--out", str(out),
+            "--dtype", "fp32", "--num-workers", "0", "--lr", "1e-2", "--save-steps", "1000", *extra]
+
+
+def run_inprocess(argv):
+    stub_shm_op()
+    return train.main(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument handling
+
+
+def test_accumulation_from_global_batch():
+    req = ["--llm", "x", "--vision", "y", "--data", "d.json"]
+    a = train.resolve_args(train.parse_args(["--stage", "pretrain", "--micro-batch", "4", "--global-batch", "32", *req]), 2)
+    assert (a.accumulation, a.global_batch, a.llm_mode, a.image_mode, a.lr) == (4, 32, "frozen", "crop", 1e-3)
+    with pytest.raises(SystemExit, match=r"--global-batch 30 .* --micro-batch 4 x 2 processes = 8"):
+        train.resolve_args(train.parse_args(["--stage", "pretrain", "--micro-batch", "4", "--global-batch", "30", *req]), 2)
+    a = train.resolve_args(train.parse_args(["--stage", "finetune", "--qlora", "--no-activation-checkpointing", *req]), 1)
+    assert (a.llm_mode, a.image_mode, a.lr, a.activation_checkpointing, a.accumulation) == ("qlora", "pad", 2e-4,
+                                                                                          False, 1)
+
+
+def test_recipe_file_comments_and_override(tmp_path):
+    (tmp_path / "r.args").write_text("# a recipe\n--stage finetune   # stage 2\n\n--lr 2e-5\n--eval-prompt 'two words'\n"
+                                     "--llm a\n--vision b\n--data 'x y.json'\n")
+    a = train.parse_args([f"@{tmp_path / 'r.args'}", "--lr", "3e-4"])
+    assert (a.stage, a.lr, a.eval_prompt, a.data) == ("finetune", 3e-4, ["two words"], ["x y.json"])
+    # --accumulation and --global-batch: the last one given counts
+    (tmp_path / "g.args").write_text("--global-batch 64\n")
+    a = train.parse_args(["--stage", "pretrain", "--llm", "a", "--vision", "b", "--data", "d", f"@{tmp_path / 'g.args'}",
+                          "--accumulation", "3"])
+    assert (a.global_batch, a.accumulation) == (None, 3)
+    # a repeatable flag on the command line replaces the recipe's list instead of adding to it
+    a = train.parse_args([f"@{tmp_path / 'r.args'}", "--data", "mine.json", "--data=more.json"])
+    assert (a.data, a.eval_prompt) == (["mine.json", "more.json"], ["two words"])
+
+
+def test_lr_schedule():
+    total = 100  # warmup = 3 steps
+    f = [train.lr_factor(s, total) for s in range(total)]
+    assert f[0] == pytest.approx(1e-5) and f[1] == pytest.approx(1e-5 + (1 - 1e-5) / 3) and f[3] == 1.0
+    assert all(a > b for a, b in zip(f[3:], f[4:])) and 0 < f[-1] < 1e-3
+    assert f[3 + 48] == pytest.approx(0.5 * (1 + np.cos(np.pi * 48 / 97)))
+
+
+def test_deepspeed_config_merge(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": "auto", "zero_optimization": {
+        "stage": 3, "reduce_bucket_size": 5}, "bf16": {"enabled": "auto"}}))
+    a = train.resolve_args(train.parse_args(["--stage", "pretrain", "--llm", "x", "--vision", "y", "--data", "d",
+                                         "--zero", "2", "--offload-optimizer", "--global-batch", "8",
+                                         "--deepspeed-config", str(tmp_path / "ds.json")]), 1)
+    cfg = train.deepspeed_config(a)
+    assert cfg["gradient_clipping"] == 1.0 and cfg["bf16"] == {"enabled": True}
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 5
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (1, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss normalisation: the same step whatever the micro-batch / accumulation split
+
+
+def reference_step(tiny, n):
+    """Loss and projector gradient of the first n samples by hand: plain PyTorch, mean over all their tokens."""
+    import model as llava
+
+    args = train.resolve_args(train.parse_args(base_args(tiny, "unused")), 1)
+    cfg = train.model_config(args)
+    m = train.build_llava(args, cfg, torch.device("cpu"))
+    m.llm.activation_checkpointing = False
+    from tokenizer import load_tokenizer
+
+    ds = data.open_data([str(tiny["data"])], load_tokenizer(tiny["llm"]), image_folder=tiny["images"],
+                        image_tokens=cfg["image_tokens"], image_size=IMAGE, image_mode="crop", log=lambda s: None)
+    order = list(data.ShuffleSampler(len(ds), seed=args.seed))[:n]  # the samples train.py's first step sees
+    total, count = 0.0, 0
+    for i in order:
+        b = data.collate([ds[i]], image_tokens=cfg["image_tokens"])
+        s, c = m(b["input_ids"], b["labels"], b["pixel_values"])
+        total, count = total + s, count + int(c)
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.projector.named_parameters()}
+    return loss.item(), grads, {n: p.detach().clone() for n, p in m.projector.named_parameters()}
+
+
+def test_loss_and_gradients_equal_across_splits(tiny, tmp_path, monkeypatch):
+    """(micro 4, acc 1), (2, 2), (1, 4) on the same 4 samples of different lengths: the loss, the gradient the
+    optimizer receives and the gradient norm equal those of one plain forward over all 4 (mean over all tokens)."""
+    ref_loss, ref_grads, init = reference_step(tiny, 4)
+    ref_gnorm = torch.sqrt(sum((g.double() ** 2).sum() for g in ref_grads.values())).item()
+    seen = []
+
+    class RecordingAdamW(torch.optim.AdamW):  # ZeRO-0 fp32: DeepSpeed calls our optimizer with the final grads
+        def step(self, closure=None):
+            seen.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+            return super().step(closure)
+
+    monkeypatch.setattr(train, "make_optimizer", lambda params, args, device: RecordingAdamW(
+        params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay))
+    names = ["linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"]  # parameter order
+    for micro, acc in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"m{micro}"
+        seen.clear()
+        res = run_inprocess(base_args(tiny, out, "--micro-batch", str(micro), "--accumulation", str(acc),
+                                      "--max-steps", "1", "--zero", "0"))
+        rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert rec["loss"] == pytest.approx(ref_loss, rel=1e-5) and res["losses"] == [rec["loss"]]
+        assert rec["gnorm"] == pytest.approx(ref_gnorm, rel=1e-5)
+        assert len(seen) == 1
+        for name, g in zip(names, seen[0]):
+            # fp32 sums in another order (padded batches vs one sample at a time): equal to ~1e-5 of the largest
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5 * ref_grads[name].abs().max().item())
+        w = load_file(out / "model" / "projector.safetensors")
+        assert not torch.equal(w["linear_1.weight"], init["linear_1.weight"])  # the update reached the saved model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: train.py as the user runs it (python / torchrun), with faults injected by this runner script
+
+RUNNER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import deepspeed.comm.torch
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # env_check pitfall 3
+import train
+
+kill_at = int(os.environ.get("KILL_AT_STEP", 0))            # SIGKILL right after this optimizer step
+kill_in_save = int(os.environ.get("KILL_IN_SAVE_AT_STEP", 0))  # SIGKILL inside this step's checkpoint write
+
+step_fn = train.Progress.step
+def step(self, step, *a, **k):
+    rec = step_fn(self, step, *a, **k)
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rec
+train.Progress.step = step
+
+write_fn = train.write_checkpoint_files
+def write(engine, folder, tag, state):
+    if state["step"] == kill_in_save:
+        # DeepSpeed's files are in the temporary folder, ours (trainer_state.json) not yet: the worst moment
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_fn(engine, folder, tag, state)
+train.write_checkpoint_files = write
+
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runner") / "run_train.py"
+    path.write_text(RUNNER.format(root=str(ROOT)))
+    return path
+
+
+def run_process(runner, argv, nproc=1, expect_kill=False, **env):
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                           "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **{k: str(v) for k, v in env.items()})
+    if nproc == 1:
+        cmd = [sys.executable, str(runner), *argv]
+    else:
+        from conftest import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(runner), *argv]
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    if expect_kill:
+        assert p.returncode == -signal.SIGKILL, p.stdout[-3000:] + p.stderr[-3000:]
+    else:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def metrics(out):
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_zero2_same_curve_as_one(tiny, tmp_path, runner):
+    """Global batch 4 as 2 ranks x micro 2 (ZeRO-2, gloo) and as 1 rank x micro 2 x accumulation 2."""
+    args = ["--micro-batch", "2", "--global-batch", "4", "--max-steps", "4", "--zero", "2"]
+    run_process(runner, base_args(tiny, tmp_path / "two", *args), nproc=2)
+    run_process(runner, base_args(tiny, tmp_path / "one", *args))
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == [1, 2, 3, 4] == [r["step"] for r in one]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["gnorm"] for r in two] == pytest.approx([r["gnorm"] for r in one], rel=1e-4)
+    a, b = (load_file(tmp_path / d / "model" / "projector.safetensors") for d in ("two", "one"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_kill_and_resume_is_exact(tiny, tmp_path, runner):
+    """LoRA with dropout (the RNG matters), length-grouped sampler, 2 epochs of 4 steps, checkpoints every 3 steps.
+    Killed after step 5, resumed and killed again inside the step-6 checkpoint write, resumed again: the losses and
+    the final weights are bit-identical to a run never killed."""
+    args = ["--stage", "finetune", "--lora", "--lora-r", "4", "--lora-dropout", "0.1", "--lr", "1e-3",
+            "--micro-batch", "2", "--accumulation", "2", "--epochs", "2", "--save-steps", "3", "--zero", "2"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_process(runner, base_args(tiny, ref, *args))
+    run_process(runner, base_args(tiny, run, *args), expect_kill=True, KILL_AT_STEP=5)
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text() == "step_3" and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+
+    run_process(runner, base_args(tiny, run, *args, "--resume"), expect_kill=True, KILL_IN_SAVE_AT_STEP=6)
+    assert (ck / "tmp_step_6").is_dir() and not (ck / "tmp_step_6" / "trainer_state.json").exists()
+    assert (ck / "latest").read_text() == "step_3" and not (ck / "step_6").exists()  # the previous one is whole
+
+    p = run_process(runner, base_args(tiny, run, *args, "--resume", "auto"))
+    assert "resumed from" in p.stdout and "step_3" in p.stdout
+    got, want = metrics(run), metrics(ref)
+    assert [r["step"] for r in got] == list(range(1, 9)) == [r["step"] for r in want]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bit-exact on CPU fp32
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    for name in ("projector.safetensors", "llm_adapter/adapter_model.safetensors"):
+        a, b = load_file(run / "model" / name), load_file(ref / "model" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert sorted(p.name for p in ck.glob("*step_*")) == ["step_6", "step_8"]  # 2 kept, no tmp left
+    assert os.readlink(tmp_path / "latest") == "run/model"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad data: training completes, every problem counted and reported
+
+
+def test_bad_data_training_completes_and_reports(tiny, tmp_path, capsys):
+    img = tmp_path / "images"
+    img.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(img / f"good{i}.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img / "full.jpg", quality=95)
+    raw = (img / "full.jpg").read_bytes()
+    (img / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (img / "not_an_image.png").write_bytes(b"these bytes are not an image\n" * 10)
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(img / "one.png")
+    Image.new("RGB", (2000, 3), (9, 200, 9)).save(img / "strip.png")
+
+    def rec(rid, image=None, q="<image>\nWhat is it?", a="A red thing."):
+        r = {"id": rid, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        return r if image is None else {**r, "image": image}
+
+    records = [rec(f"good{i}", f"good{i}.png") for i in range(6)] + [
+        rec("missing", "missing.png"), rec("truncated", "truncated.jpg"), rec("not_an_image", "not_an_image.png"),
+        rec("one_pixel", "one.png"), rec("strip", "strip.png"),
+        {"id": "no_conversations", "image": "good0.png"},
+        {"id": "unknown_from", "conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
+        rec("placeholder_without_image"),
+        rec("more_placeholders", "good1.png", q="<image>\n<image>\nTwo?"),
+        rec("too_long", "good2.png", q="<image>\n" + "word " * 200),
+        rec("long_answer", "good3.png", a="many " * 200),
+    ]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    with pytest.warns(data.DataWarning):
+        res = run_inprocess(base_args(tiny, out, "--max-length", "64", "--micro-batch", "2", "--zero", "1",
+                                      data=path, images=img))
+    text = capsys.readouterr().out
+    # 17 records: 4 bad + 1 too long dropped, 1 truncated inside its answer, 12 samples; 3 images fail at load time
+    assert "17 records -> 12 samples | dropped 5 (4 bad, 1 too long, 0 with nothing supervised) | truncated 1" in text
+    assert res["report"] in text and "3 records skipped because their image failed to load" in text
+    assert [rid for _, rid in res["unreadable"]] == ["missing", "not_an_image", "truncated"]
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7)) and all(np.isfinite(res["losses"]))
+    assert (out / "model" / "projector.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress line, eval prompts, stage output, plot
+
+
+def test_progress_eval_output_and_plot(tiny, tmp_path, capsys):
+    import re
+
+    out = tmp_path / "runs" / "p"
+    res = run_inprocess(base_args(tiny, out, "--micro-batch", "4", "--max-steps", "2", "--eval-image",
+                                  str(tiny["images"] / "0.png"), "--eval-every", "1", "--eval-prompt", "What is it?",
+                                  "--eval-max-new-tokens", "3", "--plot"))
+    text = capsys.readouterr().out
+    lines = [ln for ln in text.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2
+    for ln in lines:  # mfu and mem appear only on a GPU whose peak is known
+        assert re.fullmatch(r"step \d/2 \| loss \d+\.\d{3} \| lr \d\.\de[-+]\d\d \| gnorm \d+\.\d\d \| [\d,]+ tok/s"
+                            r" \| \d+\.\d samples/s", ln), ln
+    rec = metrics(out)[0]
+    assert {"step", "loss", "lr", "gnorm", "tok_s", "samples_s"} <= rec.keys() and rec["loss"] == res["losses"][0]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step_0.txt", "step_1.txt", "step_2.txt"]
+    assert (out / "eval" / "step_2.txt").read_text().startswith("[What is it?]\n")
+    assert "vision" in text and "projector" in text and "global batch 4" in text  # the start summary
+    cfg = json.loads((out / "model" / "llava.json").read_text())
+    assert (cfg["llm"], cfg["image_mode"], cfg["image_tokens"], cfg["llm_mode"]) == (str(tiny["llm"]), "crop", 16,
+                                                                                      "frozen")
+    assert os.readlink(tmp_path / "runs" / "latest") == "p/model"
+    import model as llava
+
+    m, _, _ = llava.load_model(tmp_path / "runs" / "latest", dtype=torch.float32)  # what chat / eval read
+    saved = load_file(out / "model" / "projector.safetensors")
+    assert torch.equal(m.projector.linear_2.bias, saved["linear_2.bias"])
+    png = Image.open(out / "metrics.png")
+    assert png.size == (900, 640) and len(png.getcolors(1 << 16)) > 2  # white, black and the curves
