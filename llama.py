@@ -12,6 +12,9 @@
 Module names follow HF's `LlamaForCausalLM` (minus its `model.` prefix) so that LoRA targets and PEFT adapter keys
 match. References: transformers/models/llama/modeling_llama.py and modeling_rope_utils.py (the numerics we match),
 pytorch-labs/gpt-fast model.py and meta-llama/llama3 model.py (the structure we follow).
+
+InternLM2 (the last section) is this same decoder under other checkpoint names, with q, k and v packed into one
+`wqkv` matrix: its checkpoints load into this module and save back in their own layout (`cfg.layout`).
 """
 
 import math
@@ -36,10 +39,11 @@ class LlamaConfig:
     intermediate_size: int = 14336
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    rope_scaling: dict | None = None  # None, {"rope_type": "llama3", "factor", ...}, or "linear" / "dynamic" + factor
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     head_dim: int | None = None  # derived: hidden_size // num_heads
+    layout: str = "llama"  # the HF checkpoint layout read and written: "llama" or "internlm2" (see the last section)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -58,24 +62,26 @@ class LlamaConfig:
         """Read a raw HF config.json dict: transformers 4.x `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`."""
         need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         if any(k not in d for k in need):
-            raise ValueError(f"config.json lacks {[k for k in need if k not in d]}; is it a LlamaForCausalLM config?")
-        unsupported = {k: d[k] for k in ("attention_bias", "mlp_bias", "hidden_act")
+            raise ValueError(f"config.json lacks {[k for k in need if k not in d]}; is it a LlamaForCausalLM "
+                             "(or InternLM2ForCausalLM) config?")
+        unsupported = {k: d[k] for k in ("attention_bias", "mlp_bias", "bias", "hidden_act")  # InternLM2: "bias"
                        if d.get(k) not in (None, False, "silu")}
         if unsupported:
             raise ValueError(f"config.json has {unsupported}: only Llama's bias-free silu layers are supported")
         params = d.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling together here
         scaling = dict(d.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"})
         kind = scaling.pop("rope_type", scaling.pop("type", "default"))  # older configs spell it "type"
-        if kind not in ("default", "llama3"):
-            raise ValueError(f"rope_scaling type {kind!r} is not supported (only none and 'llama3')")
+        if kind not in ("default", "llama3", "linear", "dynamic"):
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (only none, 'llama3', 'linear', 'dynamic')")
         return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
                    num_heads=d["num_attention_heads"],
                    num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
                    intermediate_size=d["intermediate_size"], rms_norm_eps=d.get("rms_norm_eps", 1e-6),
                    rope_theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),
-                   rope_scaling={"rope_type": "llama3", **scaling} if kind == "llama3" else None,
+                   rope_scaling=None if kind == "default" else {"rope_type": kind, **scaling},
                    max_position_embeddings=d.get("max_position_embeddings", 2048),
-                   tie_word_embeddings=d.get("tie_word_embeddings", False), head_dim=d.get("head_dim"))
+                   tie_word_embeddings=d.get("tie_word_embeddings", False), head_dim=d.get("head_dim"),
+                   layout="internlm2" if d.get("model_type") == "internlm2" else "llama")
 
     def to_hf_config(self):
         """A config.json dict for transformers' LlamaConfig (the 4.x spelling, which 5.x also reads)."""
@@ -121,7 +127,12 @@ def rope_frequencies(cfg, device=None):
     """The D/2 RoPE inverse frequencies theta^(-2i/D), fp32, with Llama-3.1's "llama3" scaling when configured."""
     D = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D))  # (D/2,)
-    if cfg.rope_scaling is None:
+    kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+    if kind == "linear":  # positions divided by `factor` (HF and InternLM2 "linear"), i.e. frequencies divided
+        return inv_freq / cfg.rope_scaling["factor"]
+    if kind in ("default", "dynamic"):
+        # "dynamic" NTK scaling (InternLM2's configs) raises theta only once a sequence is longer than
+        # max_position_embeddings (32k for InternLM2), which setup_cache refuses; below that it is plain RoPE
         return inv_freq
     # Llama-3.1: wavelengths shorter than original_len / high_freq_factor are kept, those longer than
     # original_len / low_freq_factor are stretched by `factor`, and the band between is interpolated smoothly
@@ -256,12 +267,15 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D) rotate-half layout
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, D), broadcast over heads
 
-    def forward(self, input_ids=None, inputs_embeds=None, positions=None, cache_pos=None, key_valid=None):
+    def forward(self, input_ids=None, inputs_embeds=None, positions=None, cache_pos=None, key_valid=None,
+                segment_ids=None):
         """Hidden states after the final norm, (B, T, C); logits are `self.lm_head(h)`.
         Training: only input_ids or inputs_embeds; positions default to 0..T-1 and attention is causal.
         Cache mode (after setup_cache): cache_pos (T,) long = the cache slots this step writes (the same for every
         row), positions (B, T) = RoPE positions (default: cache_pos), key_valid (B, max_len) bool = slots holding
         real tokens (False for left padding). Without a cache, key_valid (B, T) masks left padding too.
+        Packed samples (training, no cache): segment_ids (B, T) numbers the samples of each row; a token attends only
+        to earlier tokens of its own sample, and positions (B, T) restart at 0 for each sample (data.PackedDataset).
         """
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = h.shape[1]
@@ -274,6 +288,9 @@ class Llama(nn.Module):
         cos, sin = self.rope(q_slots[None] if positions is None else positions, h.dtype)  # (B|1, 1, T, D)
         # without cache or padding, SDPA's is_causal=True picks the fastest kernel; otherwise an explicit bool mask
         mask = None if (cache_pos is None and key_valid is None) else attention_mask(q_slots, key_valid, S)
+        if segment_ids is not None:  # block-diagonal causal mask: each packed sample is its own sequence
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            mask = (attention_mask(q_slots, key_valid, S) if mask is None else mask) & same[:, None]
         use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:  # checkpointing keeps only each block's input and recomputes the rest in backward
             h = checkpoint(layer, h, cos, sin, mask, cache_pos, use_reentrant=False) if use_ckpt else \
@@ -281,6 +298,10 @@ class Llama(nn.Module):
         return self.norm(h)
 
     def setup_cache(self, batch, max_len, dtype=None, device=None):
+        if (self.cfg.rope_scaling or {}).get("rope_type") == "dynamic" and max_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"a {max_len}-slot cache is past max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}, where 'dynamic' RoPE scaling would start; "
+                             "this implementation stops below it: ask for fewer new tokens")
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
         for layer in self.layers:
@@ -320,12 +341,13 @@ def load_llama(path, dtype=torch.bfloat16, device="cpu"):
     cfg = LlamaConfig.from_hf_config(weights.read_json((path if path.is_dir() else path.parent) / "config.json"))
     with torch.device("meta"):
         model = Llama(cfg)
-    table = HF_KEYS
+    internlm2 = cfg.layout == "internlm2"
+    table, src = (INTERNLM2_KEYS, InternLM2Reader(path, cfg)) if internlm2 else (HF_KEYS, path)
     if cfg.tie_word_embeddings:
         # the shared matrix is stored once, as the embedding (a copy under lm_head.weight, if any, is ignored)
         del model.lm_head.weight
-        table = {**HF_KEYS, "lm_head.weight": None}
-    weights.load_with_table(model, path, table, dtype=dtype, device=device)
+        table = {**table, ("output.weight" if internlm2 else "lm_head.weight"): None}
+    weights.load_with_table(model, src, table, dtype=dtype, device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.init_rope(device)
@@ -333,8 +355,10 @@ def load_llama(path, dtype=torch.bfloat16, device="cpu"):
 
 
 def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_000):
-    """Write `model` as an HF LlamaForCausalLM folder (config.json + safetensors) that transformers loads."""
-    to_hf = weights.invert_table(HF_KEYS)
+    """Write `model` as an HF LlamaForCausalLM folder (config.json + safetensors) that transformers loads, or as an
+    InternLM2ForCausalLM folder when it was read from one (cfg.layout == "internlm2")."""
+    internlm2 = model.cfg.layout == "internlm2"
+    to_hf = weights.invert_table(INTERNLM2_KEYS if internlm2 else HF_KEYS)
     state = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
@@ -344,8 +368,191 @@ def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_00
         except KeyError:
             raise KeyError(f"{name} has no HF Llama name; merge LoRA adapters first (lora.merge_lora)") from None
         state[hf_name] = t.to(dtype) if t.is_floating_point() else t
+    if internlm2:
+        state = pack_internlm2_state(state, model.cfg)
     weights.save_safetensors(state, folder, max_shard_bytes=max_shard_bytes)
-    weights.write_json(Path(folder) / "config.json", {**model.cfg.to_hf_config(), "torch_dtype": str(dtype)[6:]})
+    config = internlm2_hf_config(model.cfg) if internlm2 else model.cfg.to_hf_config()
+    weights.write_json(Path(folder) / "config.json", {**config, "torch_dtype": str(dtype)[6:]})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InternLM2 checkpoints (`InternLM2ForCausalLM`, e.g. internlm/internlm2-chat-1_8b): this same decoder (RMSNorm,
+# rotate-half RoPE, GQA, SwiGLU, no biases) under other names, with q, k and v packed into one matrix `wqkv`.
+# `LlamaConfig.from_hf_config` sets layout="internlm2" from the config's `model_type`; `load_llama` then reads the
+# checkpoint through the table and the unpacking below, and `save_llama` writes it back in the same layout, so a
+# finetuned or merged InternLM2 is again an InternLM2 folder. Module names stay ours (q_proj ... down_proj).
+#
+# The rows of `wqkv` (out = (H + 2 Hkv) D), per KV group g = 0 .. Hkv-1, G = H / Hkv query heads per group:
+#
+#     [ q heads gG .. gG+G-1 | k head g | v head g ]      each head D rows
+#
+# which is how InternLM2's modeling_internlm2.py reads it: qkv.view(B, T, Hkv, G + 2, D), q = [..., :G, :] (query
+# head gG + j is then head number gG + j, served by KV head g, as in our GQA), k = [..., -2, :], v = [..., -1, :].
+
+INTERNLM2_KEYS = {
+    "model.tok_embeddings.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "model.layers.{}.attention_norm.weight": "layers.{}.input_layernorm.weight",
+    "model.layers.{}.ffn_norm.weight": "layers.{}.post_attention_layernorm.weight",
+    # wq / wk / wv are the three parts of `attention.wqkv.weight` as InternLM2Reader presents them
+    "model.layers.{}.attention.wq.weight": "layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.attention.wk.weight": "layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.attention.wv.weight": "layers.{}.self_attn.v_proj.weight",
+    "model.layers.{}.attention.wo.weight": "layers.{}.self_attn.o_proj.weight",
+    "model.layers.{}.feed_forward.w1.weight": "layers.{}.mlp.gate_proj.weight",  # w2(silu(w1 x) * w3 x)
+    "model.layers.{}.feed_forward.w3.weight": "layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.feed_forward.w2.weight": "layers.{}.mlp.down_proj.weight",
+    "model.layers.{}.attention.rotary_emb.inv_freq": None,  # a buffer some exports saved; we recompute it
+}
+WQKV_PARTS = ("wq", "wk", "wv")
+
+
+def unpack_wqkv(wqkv, cfg):
+    """(rows of wqkv, ...) -> q (H*D, ...), k (Hkv*D, ...), v (Hkv*D, ...); works for weights and LoRA B alike."""
+    G, D = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    w = wqkv.reshape(cfg.num_kv_heads, G + 2, D, *wqkv.shape[1:])  # (Hkv, G + 2, D, ...)
+    return (w[:, :G].reshape(cfg.num_heads * D, *wqkv.shape[1:]),
+            w[:, G].reshape(cfg.num_kv_heads * D, *wqkv.shape[1:]),
+            w[:, G + 1].reshape(cfg.num_kv_heads * D, *wqkv.shape[1:]))
+
+
+def pack_wqkv(q, k, v, cfg):
+    """The inverse of unpack_wqkv: ((H + 2 Hkv) * D, ...) in InternLM2's grouped order."""
+    G, D, Hkv, rest = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, cfg.num_kv_heads, q.shape[1:]
+    parts = (q.reshape(Hkv, G, D, *rest), k.reshape(Hkv, 1, D, *rest), v.reshape(Hkv, 1, D, *rest))
+    return torch.cat(parts, dim=1).reshape((cfg.num_heads + 2 * Hkv) * D, *rest)
+
+
+class InternLM2Reader(weights.DictReader):
+    """A lazy checkpoint view in which each `...attention.wqkv.weight` reads as three tensors `...attention.wq.weight`,
+    `wk`, `wv`, so weights.load_with_table loads InternLM2 through a plain key table (with all its checks).
+    (A DictReader subclass, so that weights.as_reader takes it as it is.)"""
+
+    def __init__(self, src, cfg):
+        self.reader, self.cfg = weights.as_reader(src), cfg
+        self.path = getattr(self.reader, "path", "<state dict>")
+        rows = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+        self.parts = {}  # virtual key -> (wqkv key, 0 | 1 | 2 for q | k | v, rows)
+        for key in self.reader.keys():
+            if key.endswith("attention.wqkv.weight"):
+                if self.reader.shape(key)[0] != sum(rows):
+                    raise weights.CheckpointError(
+                        f"{self.path}: {key} has {self.reader.shape(key)[0]} rows, config.json says (heads "
+                        f"{cfg.num_heads} + 2 x kv heads {cfg.num_kv_heads}) x head_dim {cfg.head_dim} = {sum(rows)}")
+                for i, name in enumerate(WQKV_PARTS):
+                    self.parts[key.replace("wqkv", name)] = (key, i, rows[i])
+        self._last = (None, None)  # the last wqkv read: its three parts are asked for one after the other
+
+    def keys(self):
+        return [k for k in self.reader.keys() if not k.endswith("attention.wqkv.weight")] + list(self.parts)
+
+    def __contains__(self, key):
+        return key in self.parts or key in self.reader
+
+    def shape(self, key):
+        if key not in self.parts:
+            return self.reader.shape(key)
+        src, _, rows = self.parts[key]
+        return (rows, *self.reader.shape(src)[1:])
+
+    def get(self, key):
+        if key not in self.parts:
+            return self.reader.get(key)
+        src, i, _ = self.parts[key]
+        if self._last[0] != src:
+            self._last = (src, unpack_wqkv(self.reader.get(src), self.cfg))
+        return self._last[1][i].clone()  # a copy: the view would keep the whole wqkv alive
+
+    def items(self):
+        return ((k, self.get(k)) for k in self.keys())
+
+
+def pack_internlm2_state(state, cfg):
+    """An InternLM2-named state dict with wq / wk / wv (INTERNLM2_KEYS' names) -> the checkpoint's, with wqkv."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith("attention.wq.weight"):
+            q, k, v = (state[key.replace(".wq.", f".{p}.")] for p in WQKV_PARTS)
+            out[key.replace(".wq.", ".wqkv.")] = pack_wqkv(q, k, v, cfg)
+        elif not key.endswith(("attention.wk.weight", "attention.wv.weight")):
+            out[key] = t
+    return out
+
+
+def internlm2_hf_config(cfg):
+    """config.json of an InternLM2ForCausalLM. transformers runs it with trust_remote_code, from the base model's
+    configuration_internlm2.py and modeling_internlm2.py (copy them next to it; `auto_map` names them)."""
+    scaling = None
+    if cfg.rope_scaling:  # InternLM2's code reads the old spelling {"type": ..., "factor": ...}
+        scaling = {"type": cfg.rope_scaling["rope_type"], "factor": cfg.rope_scaling["factor"]}
+    return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_act": "silu", "bias": False,
+            "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                         "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                         "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+            "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+            "rope_scaling": scaling, "max_position_embeddings": cfg.max_position_embeddings,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+
+
+def merge_internlm2_adapter(model, src, prefix="", config=None):
+    """Merge an XTuner / PEFT LoRA adapter made for InternLM2 (targets `wqkv wo w1 w2 w3`, and `output`, the head
+    XTuner's find_all_linear_names does not exclude) into the plain weights of `model`, in place.
+
+    Our model has separate q/k/v projections while the adapter has one `wqkv` LoRA, whose update B @ A has wqkv's
+    packed rows: it is unpacked exactly like the weight, then added to q_proj / k_proj / v_proj. Merging at load is
+    exact and keeps one code path; to keep training such an adapter, train our own on q_proj ... instead.
+    src: a PEFT folder, or a state dict (XTuner's .pth: pass prefix="llm." and config={"r", "lora_alpha"}).
+    Returns the adapter's module names. Raises CheckpointError naming every key it cannot place.
+    """
+    import lora  # only here: llama.py does not otherwise need the LoRA code
+
+    where = "<state dict>" if isinstance(src, dict) else str(src)
+    tensors, config = lora._read_adapter(src, config)
+    config = config or {}
+    unsupported = {k: config[k] for k in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+                   if config.get(k)}
+    if unsupported or "lora_alpha" not in config:
+        raise weights.CheckpointError(f"adapter {where}: needs lora_alpha and no {unsupported or 'special options'}")
+    pairs, problems = {}, []
+    for key, t in tensors.items():
+        m = lora._PEFT_KEY.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+        elif key.startswith(prefix):
+            problems.append(f"{key}: not a LoRA A/B weight")
+    params = dict(model.named_parameters())
+    updates = []  # (our parameter name, update in fp32)
+    for name, ab in sorted(pairs.items()):
+        if set(ab) != {"lora_A", "lora_B"}:
+            problems.append(f"{name}: has {sorted(ab)}, needs lora_A and lora_B")
+            continue
+        delta = (config["lora_alpha"] / ab["lora_A"].shape[0]) * (ab["lora_B"].float() @ ab["lora_A"].float())
+        try:  # the adapter's module path (HF InternLM2 names) -> our parameter
+            if name.endswith("attention.wqkv"):
+                ours = [weights.map_key(f"{name[:-4]}{p}.weight", INTERNLM2_KEYS) for p in WQKV_PARTS]
+                updates += zip(ours, unpack_wqkv(delta, model.cfg))
+            else:
+                updates.append((weights.map_key(name + ".weight", INTERNLM2_KEYS), delta))
+        except KeyError:
+            problems.append(f"{name}: no such InternLM2 module")
+    for ours, delta in updates:
+        p = params.get(ours)
+        if p is None or tuple(p.shape) != tuple(delta.shape) or not p.is_floating_point():
+            problems.append(f"{ours}: update {list(delta.shape)} does not fit "
+                            f"{'nothing' if p is None else f'{list(p.shape)} {p.dtype}'} (merge before quantizing)")
+    if model.cfg.tie_word_embeddings and any(o == "lm_head.weight" for o, _ in updates):
+        problems.append("output: the head is tied to the embeddings here; its update would change both")
+    if problems:
+        raise weights.CheckpointError(f"adapter {where} does not fit this InternLM2 model:\n  "
+                                      + "\n  ".join(problems[:20]))
+    with torch.no_grad():  # W + (alpha / r) B @ A, summed in fp32 (a bf16 sum would round small updates away)
+        for ours, delta in updates:
+            p = params[ours]
+            p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
+    return sorted(pairs)
 
 
 if __name__ == "__main__":

@@ -363,15 +363,53 @@ def piece_types(proto):
     return types
 
 
-class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece model (`tokenizer.model`): Llama-2, Vicuna, later InternLM2.
+def _with_unused(proto, piece_ids):
+    """A copy of a serialized ModelProto in which the pieces `piece_ids` are UNUSED (never produced by encode).
 
-    Special tokens are the control pieces (`<s>`, `</s>`), the unknown piece and the user-defined pieces
-    (InternLM2's `<|im_start|>`, `<|im_end|>`, ...).
+    Each such piece message gets one more `type = UNUSED` field at its end: protobuf keeps the last value of a
+    repeated scalar field, so this overrides a type the piece has, and gives one to a NORMAL piece that has none
+    (proto2 does not write the default). Only that piece's length prefix changes; pieces are top-level fields.
+    """
+    out, pos, n = bytearray(), 0, 0
+    for field, wire, span, at in _fields(proto, 0, len(proto)):
+        if field == 1 and wire == 2:
+            if n in piece_ids:
+                body = proto[span[0]:span[1]] + bytes([3 << 3 | 0, UNUSED])  # key (field 3, varint), value
+                length = bytearray()
+                size = len(body)
+                while True:  # varint: 7 bits per byte, high bit = more bytes follow
+                    length.append(size & 0x7F | (0x80 if size > 0x7F else 0))
+                    size >>= 7
+                    if not size:
+                        break
+                out += proto[pos:at] + length + body
+                pos = span[1]
+            n += 1
+    return bytes(out + proto[pos:])
+
+
+def added_tokens_decoder(folder):
+    """{id: name} of the `added_tokens_decoder` in a folder's tokenizer_config.json ({} when there is none).
+
+    InternLM2 names its chat tokens there: `<|im_start|>` is id 92543, a piece that its tokenizer.model itself may
+    spell differently (older files: `[UNUSED_TOKEN_146]`); HF's tokenizer uses the config's names, and so do we."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    decoder = json.loads(path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+    return {int(i): t["content"] if isinstance(t, dict) else t for i, t in decoder.items()}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (`tokenizer.model`): Llama-2, Vicuna, InternLM2.
+
+    Special tokens are the control pieces (`<s>`, `</s>`), the unknown piece, the user-defined pieces
+    (InternLM2's `<|im_start|>`, `<|im_end|>`, ...) and the `added_tokens` given by id (from tokenizer_config.json's
+    `added_tokens_decoder`: a name for a piece of the model, which then goes by that name, or an id past its end).
 
     * sentencepiece never matches control pieces in text: typed `</s>` already encodes as ordinary pieces.
     * It does match user-defined pieces anywhere in raw text, so `encode` runs a second copy of the model in which
-      every user-defined piece is marked UNUSED (a one-byte change of its type in the model proto): text spelling
+      every user-defined piece and every added token is marked UNUSED (`_with_unused`): text spelling
       `<|im_end|>` becomes exactly the ids this model would give if `<|im_end|>` were not in its vocabulary, i.e.
       ordinary pieces such as `<`, `|`, `im`, `_`, `end`, `|`, `>` (byte pieces where a character has no piece).
       On text that spells no user-defined piece both copies give the same ids as `sp.encode(text)`.
@@ -382,7 +420,7 @@ class SentencePieceTokenizer(Tokenizer):
       and HF's `legacy=True` LlamaTokenizer.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, added_tokens=None):
         self.path = Path(path)
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
@@ -394,16 +432,16 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"{path}: read {len(types)} pieces from the model proto, sentencepiece reports "
                              f"{self.sp.get_piece_size()}")
         self.piece_type = [t for t, _ in types]
-        self._set_specials({self.sp.id_to_piece(i): i for i, t in enumerate(self.piece_type)
-                            if t in (CONTROL, UNKNOWN, USER_DEFINED)})
-        self.plain = self.sp
-        if USER_DEFINED in self.piece_type:
-            patched = bytearray(proto)
-            for t, where in types:
-                if t == USER_DEFINED:
-                    patched[where] = UNUSED  # 4 -> 5: both are one-byte varints, so no length changes
-            self.plain = sentencepiece.SentencePieceProcessor(model_proto=bytes(patched))
-        self.vocab_size = self.sp.get_piece_size()
+        added = dict(added_tokens or {})  # {id: name}
+        n = self.sp.get_piece_size()
+        self._names = {i: self.sp.id_to_piece(i) for i, t in enumerate(self.piece_type) if t == CONTROL}
+        self._names.update(added)  # shown by these names when decoding with skip_special=False
+        self._set_specials({**{self.sp.id_to_piece(i): i for i, t in enumerate(self.piece_type)
+                               if t in (CONTROL, UNKNOWN, USER_DEFINED)}, **{name: i for i, name in added.items()}})
+        hide = {i for i, t in enumerate(self.piece_type) if t == USER_DEFINED}
+        hide |= {i for i in added if i < n and self.piece_type[i] in (NORMAL, USER_DEFINED)}
+        self.plain = sentencepiece.SentencePieceProcessor(model_proto=_with_unused(proto, hide)) if hide else self.sp
+        self.vocab_size = max([n, *(i + 1 for i in added)])  # added ids may lie past the model's pieces
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # Llama-2 has no pad piece (pad_id() is -1); LLaVA-v1.5 pads with unk, XTuner pads input_ids with 0 = unk.
         self.pad_id = next(i for i in (self.sp.pad_id(), self.sp.unk_id(), self.eos_id) if i >= 0)
@@ -425,14 +463,14 @@ class SentencePieceTokenizer(Tokenizer):
         # the first run with text, but a later run starts mid-sentence, so there the "▁" is a real space.
         out, run, seen_text = [], [], False
         for i in [*ids, None]:
-            if i is None or self.piece_type[i] == CONTROL:
+            if i is None or i in self._names:
                 if run:
                     text = self.sp.decode(run)
                     space = seen_text and self.sp.id_to_piece(run[0]).startswith("▁")
                     out.append(" " + text if space else text)
                     run, seen_text = [], True
                 if i is not None:
-                    out.append(self.sp.id_to_piece(i))
+                    out.append(self._names[i])
             else:
                 run.append(i)
         return "".join(out)
@@ -450,8 +488,11 @@ def _is_tiktoken_file(path):
 
 
 def load_model_file(path):
-    """A `tokenizer.model` of either kind, told apart by content."""
-    return TiktokenTokenizer.from_model_file(path) if _is_tiktoken_file(path) else SentencePieceTokenizer(path)
+    """A `tokenizer.model` of either kind, told apart by content (a sentencepiece model also takes the added tokens
+    of the tokenizer_config.json next to it)."""
+    if _is_tiktoken_file(path):
+        return TiktokenTokenizer.from_model_file(path)
+    return SentencePieceTokenizer(path, added_tokens_decoder(Path(path).parent))
 
 
 def load_tokenizer(folder):

@@ -50,7 +50,9 @@ def load(name, world_size, *extra):
 
 
 def test_every_recipe_file_is_in_the_table():
-    names = {p.stem for p in RECIPES.glob("*.args")} - {"demo-pretrain", "demo-finetune"}
+    # the InternLM2 recipes are checked against their own table in tests/test_internlm2.py
+    names = {p.stem for p in RECIPES.glob("*.args")
+             if not p.stem.startswith("internlm2-")} - {"demo-pretrain", "demo-finetune"}
     assert names == set(TABLE)
     for demo in ("demo-pretrain", "demo-finetune"):
         load(demo, 1)  # parses and resolves
