@@ -14,6 +14,7 @@ are never printed.
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -32,6 +33,11 @@ class Conversation:
         self.template = data.get_template(cfg.get("template", "llama3_chat"))
         self.stop_ids = data.stop_token_ids(tok, self.template)
         self.stop_ids += [i for i in tok.stop_ids if i not in self.stop_ids]
+        # what follows an answer in the history: the template's separator (trusted template text), and before it the
+        # suffix / EOS that closes an answer cut off by --max-new-tokens (llama3_chat: <|eot_id|>, no separator)
+        sep = self.template.sep
+        self.sep_ids = tok.encode_with_specials(sep) if sep else []
+        self.close_ids = data.encode_reply(tok, self.template, "")  # suffix or EOS, then the separator
         self.device = model.llm.embed_tokens.weight.device
         self.step_fn = None
         if args.compile:
@@ -44,13 +50,14 @@ class Conversation:
 
     def reset(self):
         self.cached = 0          # tokens already in the KV cache
-        self.carry = []          # the last generated token, not yet fed to the model
+        self.carry = []          # the last generated token (never fed yet) and what closes its answer
         self.turns = 0
-        self.pixels = None
         self.prefilled = []      # tokens prefilled per turn (shown by --stats; tested)
 
     def set_image(self, path):
         try:
+            if not os.path.isfile(path):
+                raise FileNotFoundError("no such file")
             img = clip.load_image(path)
         except (OSError, clip.ImageError) as e:
             print(f"[cannot use image {path}: {e}; the chat goes on without it]", file=self.out)
@@ -103,9 +110,9 @@ class Conversation:
         printer.flush()
         print(file=self.out)
         self.cached += len(ids) + len(new) - 1
-        self.carry = [new[-1]]
-        if new[-1] not in self.stop_ids:  # cut off by max_new_tokens: close the answer as the template would
-            self.carry.append(self.stop_ids[0])
+        # the last token was sampled but not fed; it opens the next prefill, with what the template puts after it
+        ended = new[-1] in self.stop_ids
+        self.carry = [new[-1]] + (self.sep_ids if ended else self.close_ids)
         self.turns += 1
         if self.args.stats and first_token:
             ttft = first_token[0] - t0
@@ -143,8 +150,9 @@ def parse_args(argv=None):
     p.add_argument("--image", default=None, help="image to talk about (omit for a text-only chat)")
     p.add_argument("--system", default=None, help="system prompt (none by default, as in training)")
     p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=0.75,
+                   help="sample from the likeliest tokens whose probabilities reach p (1 = all)")
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--context", type=int, default=8192, help="KV cache length (tokens) of one conversation")
     p.add_argument("--seed", type=int, default=0)
@@ -155,16 +163,25 @@ def parse_args(argv=None):
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer these messages (repeatable) and exit, instead of reading stdin")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.context < 2:
+        p.error("--max-new-tokens must be at least 1 and --context at least 2")
+    if not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
+        p.error("--top-p must be in (0, 1] and --top-k at least 0 (0 = no top-k filter)")
+    return args
 
 
 def main(argv=None, stdin=sys.stdin, out=sys.stdout):
     args = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    if args.model and not os.path.exists(args.model):
+        print(f"no model at {args.model}: pass --model DIR (a run's model/ folder, an HF LLaVA folder, or an XTuner "
+              "/ official LLaVA export), or leave --model out to use runs/latest", file=sys.stderr)
+        return 2
     try:
         model, tok, cfg = load_model(args.model, dtype=dtype, device=args.device)
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # no runs/latest: the message says how to train one or what to pass
         print(e, file=sys.stderr)
         return 2
     chat = Conversation(model, tok, cfg, args, out)
