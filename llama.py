@@ -249,7 +249,7 @@ class Llama(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.activation_checkpointing = False
+        self.activation_checkpointing = False  # or True (every block), or an int k: the first k blocks
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -291,9 +291,12 @@ class Llama(nn.Module):
         if segment_ids is not None:  # block-diagonal causal mask: each packed sample is its own sequence
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             mask = (attention_mask(q_slots, key_valid, S) if mask is None else mask) & same[:, None]
-        use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:  # checkpointing keeps only each block's input and recomputes the rest in backward
-            h = checkpoint(layer, h, cos, sin, mask, cache_pos, use_reentrant=False) if use_ckpt else \
+        # activation_checkpointing: False, True (every block) or k (the first k blocks). A checkpointed block keeps
+        # only its input and recomputes the rest in backward; the others keep their activations and skip that work
+        ac = self.activation_checkpointing
+        n_ckpt = (len(self.layers) if ac is True else int(ac)) if self.training and torch.is_grad_enabled() else 0
+        for i, layer in enumerate(self.layers):
+            h = checkpoint(layer, h, cos, sin, mask, cache_pos, use_reentrant=False) if i < n_ckpt else \
                 layer(h, cos, sin, mask, cache_pos)
         return self.norm(h)
 

@@ -1,0 +1,163 @@
+"""Inference benchmark: time to first token and decode speed of one chat (batch 1, one image + 40 text tokens,
+256 new tokens, greedy, bf16), and batched MMBench-style eval throughput (one image + 60..100 text tokens per
+question, left-padded batches of 16 and 32, 8 new tokens each: an MMBench answer is a letter and a few words).
+
+    python bench/chat_bench.py --side ours      # model.generate: eager decode steps, and CUDA-graph replayed steps
+    python bench/chat_bench.py --side hf        # LlavaForConditionalGeneration.generate (dynamic cache, eager)
+
+Random weights never emit a stop token by design here: ours gets no stop ids and HF gets min_new_tokens, so every
+run generates exactly the requested number of tokens. TTFT = from the generate call to the first new token on the
+host (prefill: CLIP + projector + LLM over the prompt, then one sample), median of 5.
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+import model as M  # noqa: E402
+
+
+def extra_args(p):
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--eval-batches", default="16,32")
+    p.add_argument("--eval-new-tokens", type=int, default=8)
+    p.add_argument("--profile", action="store_true", help="profile 16 decode steps of each variant")
+
+
+def prompts(P, n_text, lengths, image_id, vocab, seed=0):
+    """One image after 5 template tokens, then text; `lengths` = text tokens per prompt (one prompt each)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        t = torch.randint(1000, vocab - 1000, (5 + n,), generator=g).tolist()
+        out.append(t[:5] + [image_id] * P + t[5:])
+    return out
+
+
+class Clock:
+    """Host times at which tokens arrive (the callbacks run after the token reached the host)."""
+
+    def __init__(self):
+        self.t0, self.times = time.perf_counter(), []
+
+    def __call__(self, *_):
+        self.times.append(time.perf_counter())
+
+    def ttft(self):
+        return self.times[0] - self.t0
+
+    def decode_rate(self):
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+# ---- ours --------------------------------------------------------------------------------------------------------
+
+
+def run_ours(args, P, vcfg, lcfg):
+    net = C.build_ours(args.tiny, args.device).eval()
+    chat = prompts(P, 35, [35], -200, lcfg.vocab_size)
+    px = C.pixels(1, vcfg.image_size, args.device)
+    cache_len = len(chat[0]) + args.new_tokens
+
+    def gen(batch, pixel_values, n, step_fn=None):
+        clock = Clock()
+        M.generate(net, batch, pixel_values, max_new_tokens=n, on_token=lambda i, t: i == 0 and clock(),
+                   step_fn=step_fn, max_cache_len=cache_len if len(batch) == 1 else None)
+        return clock
+
+    graphed = getattr(M, "GraphedDecodeStep", None)
+    variants = [("eager", None)] + ([("cuda_graph", graphed())] if graphed and args.device == "cuda" else [])
+    for name, step_fn in variants:
+        gen(chat, px, 8, step_fn)  # warm-up: kernels chosen, graph captured for this cache
+        ttft = statistics.median(gen(chat, px, 1, step_fn).ttft() for _ in range(5))
+        clock = gen(chat, px, args.new_tokens, step_fn)
+        C.emit(args, bench="chat", variant=name, ttft_ms=round(ttft * 1e3, 2),
+               decode_tok_s=round(clock.decode_rate(), 2), new_tokens=len(clock.times),
+               prompt_positions=len(chat[0]), peak_gb=round(C.peak_gb(args.device), 2), versions=C.versions())
+        if args.profile:
+            C.profile(lambda: gen(chat, px, 17, step_fn), args.device, f"ours generate 1 image, 17 tokens, {name}")
+    step_fn = variants[-1][1]
+    for B in (int(b) for b in args.eval_batches.split(",")):
+        qs = prompts(P, 0, [60 + (i * 37) % 41 for i in range(B)], -200, lcfg.vocab_size, seed=B)
+        pix = C.pixels(B, vcfg.image_size, args.device, seed=B)
+        graph_step = graphed() if step_fn is not None else None  # its own graph for this batch's cache
+        gen(qs, pix, args.eval_new_tokens, graph_step)  # warm-up
+        t = C.now(args.device)
+        gen(qs, pix, args.eval_new_tokens, graph_step)
+        dt = C.now(args.device) - t
+        C.emit(args, bench="eval", variant=variants[-1][0], batch=B, new_tokens=args.eval_new_tokens,
+               questions_s=round(B / dt, 2), batch_s=round(dt, 3), peak_gb=round(C.peak_gb(args.device), 2))
+
+
+# ---- HF ----------------------------------------------------------------------------------------------------------
+
+
+class Streamer:
+    """HF generate's streamer hook: put() gets the prompt first, then each new token (already on the host)."""
+
+    def __init__(self):
+        self.clock, self.calls = Clock(), 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls > 1:
+            self.clock()
+
+    def end(self):
+        pass
+
+
+def run_hf(args, P, vcfg, lcfg):
+    net = C.build_hf(args.tiny, args.device).eval()
+    net.config.text_config.use_cache = True
+    net.generation_config.pad_token_id = 0
+
+    def gen(batch, pixel_values, n, stream=False):
+        T = max(len(p) for p in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding, as for batched generation
+            ids[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        streamer = Streamer() if stream else None
+        with torch.no_grad():
+            net.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device),
+                         pixel_values=pixel_values, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         use_cache=True, streamer=streamer)
+        return streamer.clock if stream else None
+
+    chat = prompts(P, 35, [35], C.HF_IMAGE_TOKEN, lcfg.vocab_size)
+    px = C.pixels(1, vcfg.image_size, args.device)
+    gen(chat, px, 8)
+    ttft = statistics.median(gen(chat, px, 1, stream=True).ttft() for _ in range(5))
+    clock = gen(chat, px, args.new_tokens, stream=True)
+    C.emit(args, bench="chat", variant="hf_generate", ttft_ms=round(ttft * 1e3, 2),
+           decode_tok_s=round(clock.decode_rate(), 2), new_tokens=len(clock.times), prompt_positions=len(chat[0]),
+           peak_gb=round(C.peak_gb(args.device), 2), versions=C.versions())
+    for B in (int(b) for b in args.eval_batches.split(",")):
+        qs = prompts(P, 0, [60 + (i * 37) % 41 for i in range(B)], C.HF_IMAGE_TOKEN, lcfg.vocab_size, seed=B)
+        pix = C.pixels(B, vcfg.image_size, args.device, seed=B)
+        gen(qs, pix, args.eval_new_tokens)
+        t = C.now(args.device)
+        gen(qs, pix, args.eval_new_tokens)
+        dt = C.now(args.device) - t
+        C.emit(args, bench="eval", variant="hf_generate", batch=B, new_tokens=args.eval_new_tokens,
+               questions_s=round(B / dt, 2), batch_s=round(dt, 3), peak_gb=round(C.peak_gb(args.device), 2))
+
+
+def main():
+    args = C.parse_args(extra_args)
+    if args.tiny:
+        args.new_tokens, args.eval_batches = min(args.new_tokens, 16), "2,3"
+    torch.manual_seed(0)
+    vcfg, lcfg = C.configs(args.tiny)
+    (run_ours if args.side == "ours" else run_hf)(args, vcfg.num_patches, vcfg, lcfg)
+
+
+if __name__ == "__main__":
+    main()
