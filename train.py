@@ -3,9 +3,12 @@
     python train.py @recipes/pretrain.args --llm LLM_DIR --vision CLIP_DIR            # one process
     deepspeed train.py @recipes/finetune-full-vitlora.args --init-from runs/latest   # all local GPUs
     torchrun --nproc_per_node 8 train.py @recipes/...                                # same, with torchrun
+    NPROC_PER_NODE=8 python train.py @recipes/... --deepspeed deepspeed_zero3         # same, as XTuner launches
     python train.py plot runs/pretrain-...                                            # loss / lr curves -> PNG
+    python train.py export runs/pretrain-.../checkpoints/step_500                     # a checkpoint -> model/
 
-A recipe file holds one flag per line (`# comments` allowed); flags after it override it.
+A recipe file holds one flag per line (`# comments` allowed); flags after it override it. The global batch a recipe
+gives stays the same on any number of GPUs: the accumulation is derived from it. Several machines: docs/multi-gpu.md.
 
 One optimizer step, the heart of this file (`train_step`):
 
@@ -19,10 +22,13 @@ GPU split (XTuner averages per-micro-batch means, which weighs a token by its ba
 
 The learning rate warms up linearly over the first 3% of the optimizer steps from lr x 1e-5, then follows a cosine
 to 0, counted in optimizer steps (XTuner counts micro-batches; reference §4.1). bf16 runs keep fp32 master weights in
-DeepSpeed's ZeRO optimizer. A run folder (`--out`) holds `checkpoints/` (exact resume: weights, optimizer,
-scheduler, step, sampler position, RNG states; written to a temporary folder, renamed, then pointed at, so a kill
-never leaves a half-written "latest"), `metrics.jsonl`, `eval/` (answers to fixed prompts) and `model/` (the stage
-output that chat, eval and convert read: model.save_model).
+DeepSpeed's ZeRO optimizer. ZeRO-1/2 split the optimizer states (and gradients) over the ranks, ZeRO-3 the weights
+too; a ZeRO-3 run gathers the weights it evaluates with or saves, so its model/ is the same as ZeRO-2's.
+
+A run folder (`--out`) holds `checkpoints/` (exact resume: weights, optimizer, scheduler, step, sampler position,
+RNG states; written to a temporary folder, renamed, then pointed at, so a kill never leaves a half-written
+"latest"), `metrics.jsonl`, `eval/` (answers to fixed prompts) and `model/` (the stage output that chat, eval and
+convert read: model.save_model; `export` rebuilds it from any checkpoint).
 
 References: XTuner `xtuner/tools/train.py` and the LLaVA-Llama-3 configs (reference §4), DeepSpeed's engine API
 (`deepspeed.initialize`, `engine.backward/step`, `save_checkpoint/load_checkpoint`), nanoGPT's train.py (the shape of
@@ -95,6 +101,24 @@ class LastOf(argparse.Action):
         setattr(namespace, self.other, None)
 
 
+# XTuner's `--deepspeed NAME` presets (xtuner/configs/deepspeed/*.json, reference §4.3): (--zero, --offload-optimizer)
+XTUNER_DEEPSPEED = {"deepspeed_zero1": (1, False), "deepspeed_zero2": (2, False),
+                    "deepspeed_zero2_offload": (2, True), "deepspeed_zero3": (3, False)}
+
+
+class DeepSpeedPreset(argparse.Action):
+    """`--deepspeed deepspeed_zero3` as XTuner spells it sets --zero and --offload-optimizer; a .json path is
+    --deepspeed-config."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value in XTUNER_DEEPSPEED:
+            namespace.zero, namespace.offload_optimizer = XTUNER_DEEPSPEED[value]
+        elif value.endswith(".json"):
+            namespace.deepspeed_config = value
+        else:
+            parser.error(f"--deepspeed {value}: give one of {', '.join(XTUNER_DEEPSPEED)} or a DeepSpeed .json file")
+
+
 def build_parser():
     p = RecipeParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -120,6 +144,9 @@ def build_parser():
     g.add_argument("--vision-lora-r", type=int, default=64)
     g.add_argument("--vision-lora-alpha", type=float, default=16)
     g.add_argument("--vision-lora-dropout", type=float, default=0.05)
+    g.add_argument("--random-init", action="store_true",
+                   help="random CLIP and LLM weights of the shapes in --vision / --llm, which may then also be a size "
+                        "name (clip-vit-l-14-336, llama-3-8b): throughput and memory measurements without weights")
     g.add_argument("--init-from", default=None,
                    help="projector to start from: a run's model/ folder (or the run folder, or runs/latest), "
                         "XTuner's iter_N.pth (file or DeepSpeed folder) or XTuner's projector/ folder")
@@ -128,6 +155,9 @@ def build_parser():
     g.add_argument("--data", action="append", default=[],
                    help="RECORDS.json[l][:IMAGE_FOLDER] or a mix file (data.py); repeat to concatenate datasets")
     g.add_argument("--recipe-data", action="append", default=[], help=argparse.SUPPRESS)
+    g.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="instead of --data: N random samples of exactly --max-length positions (one random image, "
+                        "random text, its second half supervised), for throughput and scaling measurements")
     g.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     g.add_argument("--max-length", type=int, default=2048,
                    help="sequence limit in positions, counting every image's positions (576 per image)")
@@ -156,6 +186,8 @@ def build_parser():
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each LLM block in backward instead of storing its activations")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="bf16: bf16 weights, fp32 master copies")
+    g.add_argument("--deepspeed", action=DeepSpeedPreset, metavar="NAME|JSON",
+                   help=f"XTuner's preset names ({', '.join(XTUNER_DEEPSPEED)}) or a .json as --deepspeed-config")
     g.add_argument("--deepspeed-config", default=None,
                    help="a DeepSpeed JSON whose entries override the ones built from these flags ('auto' keeps ours)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -164,6 +196,9 @@ def build_parser():
     g.add_argument("--out", default=None, help="run folder (default runs/<stage>-<date-time>)")
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest)")
+    g.add_argument("--no-save", action="store_true",
+                   help="write neither checkpoints nor model/ (measurements: an 8B full finetune's checkpoint is "
+                        "~100 GB of fp32 weights and Adam moments)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="'auto': continue from the newest complete checkpoint of --out (fresh start if none); "
                         "or a run folder / checkpoint folder")
@@ -181,11 +216,15 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.data = args.data or args.recipe_data
+    if args.synthetic and args.data:
+        parser.error("--synthetic replaces --data: give one of them")
+    args.data = [] if args.synthetic else args.data or args.recipe_data  # --synthetic also replaces a recipe's data
     args.eval_prompt = args.eval_prompt or args.recipe_eval_prompt
-    del args.recipe_data, args.recipe_eval_prompt
-    if not args.data:
+    del args.recipe_data, args.recipe_eval_prompt, args.deepspeed
+    if not args.data and not args.synthetic:
         parser.error("--data is required (a LLaVA json/jsonl file, RECORDS.json:IMAGE_FOLDER, or a mix file)")
+    if args.synthetic and args.eval_image:
+        parser.error("--eval-image needs real data and a tokenizer: leave it out with --synthetic")
     return args
 
 
@@ -280,10 +319,25 @@ def log(*a):
 # The model
 
 
+def base_configs(args):
+    """(CLIPConfig, LlamaConfig) from the config.json of --vision and --llm; with --random-init either may instead be
+    a size name of clip.CONFIGS / llama.CONFIGS."""
+    def one(path, cls, names, flag):
+        if (Path(path) / "config.json").exists():
+            return cls.from_hf_config(read_json(Path(path) / "config.json"))
+        if getattr(args, "random_init", False) and path in names:
+            return cls.from_name(path)
+        raise SystemExit(f"{flag} {path}: no config.json there" + (
+            f" and not a size name ({', '.join(names)})" if getattr(args, "random_init", False) else
+            " (give the folder of an HF checkpoint; with --random-init a size name works too)"))
+
+    return (one(args.vision, clip.CLIPConfig, clip.CONFIGS, "--vision"),
+            one(args.llm, llama.LlamaConfig, llama.CONFIGS, "--llm"))
+
+
 def model_config(args):
     """llava.json for this run (model.save_model writes it; model.load_model reads it)."""
-    vcfg = clip.CLIPConfig.from_hf_config(read_json(Path(args.vision) / "config.json"))
-    lcfg = llama.LlamaConfig.from_hf_config(read_json(Path(args.llm) / "config.json"))
+    vcfg, lcfg = base_configs(args)
     lora_cfg = lambda r, a, d, t: {"r": r, "alpha": a, "dropout": d, "targets": list(t)}  # noqa: E731
     return {
         "llm": str(args.llm), "vision": str(args.vision), "template": args.template,
@@ -304,15 +358,27 @@ def build_llava(args, cfg, device):
     chosen by --llm-mode / --vision-lora. Everything else is frozen."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     nf4 = args.llm_mode in ("frozen-nf4", "qlora")
-    torch.manual_seed(args.seed)  # the projector's and the adapters' initial values
+    torch.manual_seed(args.seed)  # the projector's and the adapters' initial values, the same on every rank
     # NF4: load the LLM in CPU memory and quantize one matrix at a time on the device, so the bf16 model never
     # has to fit on the GPU whole (lora.py)
-    m = llava.build_model(cfg, dtype=dtype, device="cpu" if nf4 else device)
+    build = random_model if args.random_init else llava.build_model
+    m = build(cfg, dtype=dtype, device="cpu" if nf4 else device)
     m.requires_grad_(False)
     if nf4:
         lora.quantize_nf4(m.llm, LLM_LORA_TARGETS, compute_dtype=dtype, device=device)
         m.to(device)
-    if args.llm_mode == "full":
+    add_trainable_parts(m, cfg)
+    if args.init_from:
+        load_projector(m.projector, args.init_from)
+    m.llm.activation_checkpointing = args.activation_checkpointing
+    m.vision.activation_checkpointing = args.activation_checkpointing and args.vision_lora  # frozen: no graph at all
+    return m.train()
+
+
+def add_trainable_parts(m, cfg):
+    """Unfreeze what llava.json says trains (on a model whose parameters are all frozen): the projector, the whole
+    LLM (llm_mode full) and the LoRA adapters it lists."""
+    if cfg["llm_mode"] == "full":
         m.llm.requires_grad_(True)
     if cfg["llm_lora"]:
         c = cfg["llm_lora"]
@@ -321,11 +387,22 @@ def build_llava(args, cfg, device):
         c = cfg["vision_lora"]
         lora.inject_lora(m.vision, c["targets"], c["r"], c["alpha"], c["dropout"])
     m.projector.requires_grad_(True)
-    if args.init_from:
-        load_projector(m.projector, args.init_from)
-    m.llm.activation_checkpointing = args.activation_checkpointing
-    m.vision.activation_checkpointing = args.activation_checkpointing and args.vision_lora  # frozen: no graph at all
-    return m.train()
+
+
+def random_model(cfg, dtype, device, skeleton=False):
+    """--random-init: CLIP and Llama of the configured shapes with their constructors' random weights (Llama: HF's
+    N(0, 0.02)), built directly on `device` in `dtype`, so an 8B model needs neither a download nor an fp32 copy.
+    skeleton=True builds on the meta device instead (shapes only, no memory), for `export`."""
+    vcfg, lcfg = base_configs(argparse.Namespace(vision=cfg["vision"], llm=cfg["llm"], random_init=True))
+    p = cfg["projector"]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in the training dtype (RoPE frequencies stay fp32)
+    try:
+        with torch.device("meta" if skeleton else device):
+            return llava.LLaVA(clip.CLIPVisionTower(vcfg), llava.Projector(p["in"], p["out"], p["hidden"]),
+                               llama.Llama(lcfg), cfg.get("select_layer", -2))
+    finally:
+        torch.set_default_dtype(old)
 
 
 def read_projector(path):
@@ -387,7 +464,7 @@ def flops_per_token(m):
     on supervised positions) and the vision tower (a few % of the work)."""
     weights = sum(sub.in_features * sub.out_features for sub in m.llm.layers.modules()
                   if isinstance(sub, (torch.nn.Linear, lora.LoRALinear)))
-    trainable = sum(p.numel() for p in m.llm.layers.parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in m.llm.layers.parameters() if p.requires_grad)
     return 4 * weights + 2 * trainable
 
 
@@ -577,6 +654,11 @@ def load_checkpoint(engine, folder, tag):
     """Restore weights, optimizer, scheduler (DeepSpeed) and our state. Only trainable weights were saved, so we load
     them ourselves and check that every one of them was in the file (DeepSpeed's strict load would fail on the
     missing frozen ones and on bitsandbytes' extra NF4 keys: env_check pitfall 5)."""
+    state = read_json(folder / tag / "trainer_state.json")
+    if state.get("world", world()) != world():
+        raise SystemExit(f"checkpoint {folder / tag} was written by {state['world']} processes, this run has "
+                         f"{world()}: resume with {state['world']} (the optimizer states are split per process, and "
+                         f"each process resumes at its own place in the data)")
     trainable = [n for n, p in engine.module.named_parameters() if p.requires_grad]
 
     def load_trainable(src, dst):
@@ -597,7 +679,6 @@ def load_checkpoint(engine, folder, tag):
     path, _ = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False, custom_load_fn=load_trainable)
     if path is None:
         raise SystemExit(f"DeepSpeed could not load the checkpoint {folder / tag}")
-    state = read_json(folder / tag / "trainer_state.json")
     rng_file = folder / tag / f"rng_rank{rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -632,6 +713,63 @@ def save_stage_output(engine, cfg, out):
             os.replace(tmp, folder)
             link_latest(folder)
     barrier()
+
+
+def read_trainable(folder):
+    """{name: tensor} of the trainable weights in checkpoint `folder`, whatever the ZeRO stage and process count.
+
+    With ZeRO 1-3 the trainable weights live as fp32 partitions of the optimizer, one file per rank (ZeRO-3's model
+    files hold only placeholders); DeepSpeed's zero_to_fp32 reassembles them. Without ZeRO the model-states file
+    holds them whole; it is read with convert.py's restricted unpickler, which builds tensors and nothing else."""
+    if list(folder.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name,
+                                                        exclude_frozen_parameters=True)
+    import convert
+
+    states = folder / "mp_rank_00_model_states.pt"
+    if not states.exists():
+        raise SystemExit(f"{folder}: neither ZeRO optimizer partitions nor mp_rank_00_model_states.pt: not a "
+                         f"DeepSpeed checkpoint of train.py")
+    return convert.safe_torch_load(states)["module"]
+
+
+def export_checkpoint(checkpoint, out=None):
+    """`python train.py export CHECKPOINT [OUT]`: the model/ folder (chat, eval_mmbench and convert read it) of a
+    checkpoint folder (run/checkpoints/step_N, or a run folder for its newest complete checkpoint), written to OUT
+    (default: CHECKPOINT/model). The model is built on the meta device from the run's flags, which
+    trainer_state.json keeps, so no base weight is read; every trainable weight must be in the checkpoint."""
+    try:
+        folder, tag = find_checkpoint(str(checkpoint), str(checkpoint))
+    except SystemExit:
+        raise SystemExit(f"export {checkpoint}: no complete checkpoint there (give RUN_DIR/checkpoints/step_N with its "
+                         f"trainer_state.json, or a run folder)") from None
+    folder = folder / tag
+    args = argparse.Namespace(**read_json(folder / "trainer_state.json")["args"])
+    cfg = model_config(args)
+    m = random_model(cfg, torch.float32, "cpu", skeleton=True)
+    m.requires_grad_(False)
+    add_trainable_parts(m, cfg)  # adapters are created where their base weight is: on the meta device
+    every = dict(m.named_parameters(remove_duplicate=False))  # tied weights appear under both names
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    sd = read_trainable(folder)
+    missing = [n for n in trainable if n not in sd]
+    wrong = [f"{n} {tuple(sd[n].shape)} vs {tuple(every[n].shape)}" for n in trainable
+             if n in sd and sd[n].shape != every[n].shape]
+    if missing or wrong:
+        raise SystemExit(f"{folder} does not hold every trainable weight of the run it names (written by another "
+                         f"version of train.py?): missing {missing[:10]} ({len(missing)} in all), wrong shapes "
+                         f"{wrong[:10]}")
+    dtype = llava.DTYPES[cfg["dtype"]]  # what the stage output of the run itself holds
+    # only the trainable tensors are assigned (the frozen base stays on the meta device: save_model never writes it)
+    m.load_state_dict({n: sd[n].to(dtype) for n in trainable}, strict=False, assign=True)
+    if m.llm.cfg.tie_word_embeddings:
+        m.llm.lm_head.weight = m.llm.embed_tokens.weight
+    out = Path(out or folder / "model")
+    llava.save_model(m, out, cfg)
+    print(f"wrote {out} from {folder} (step {read_json(folder / 'trainer_state.json')['step']})")
+    return out
 
 
 def link_latest(model_dir):
@@ -670,7 +808,7 @@ class Progress:
         now = time.perf_counter()
         dt, self.t = now - self.t, now
         rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "gnorm": gnorm,
-               "tok_s": tokens / dt, "samples_s": samples / dt, "time": time.time()}
+               "tok_s": tokens / dt, "samples_s": samples / dt, "world": world(), "time": time.time()}
         line = (f"step {step}/{self.total} | loss {loss:.3f} | lr {lr:.1e} | gnorm {gnorm:.2f} | "
                 f"{rec['tok_s']:,.0f} tok/s | {rec['samples_s']:.1f} samples/s")
         if self.peak and bf16:
@@ -745,14 +883,51 @@ def evaluate(engine, tok, cfg, args, step, device):
 # Data: data.py builds datasets, samplers and batches; here they are only wired to the loop
 
 
+class SyntheticData(torch.utils.data.Dataset):
+    """--synthetic N: N samples of exactly `length` positions, the same for a given index and seed on every rank.
+
+    Each is one random image (image_tokens positions after the first token) then random text ids, the second half of
+    the text supervised (as a caption or an answer would be), shaped as data.py's items, so the training step, and
+    its speed, are those of real data of that length."""
+
+    def __init__(self, n, length, image_tokens, image_size, vocab_size, seed=0):
+        text = length - image_tokens
+        if text < 4:
+            raise SystemExit(f"--synthetic: --max-length {length} leaves no room for text after the {image_tokens} "
+                             f"image positions; use at least {image_tokens + 4}")
+        self.n, self.length, self.text, self.image_tokens, self.image_size = n, length, text, image_tokens, image_size
+        self.vocab, self.seed = min(vocab_size, 128000), seed  # Llama-3's 128,000 ordinary ids: no control token
+        self.stats = {"records": n, "bad_record": 0, "too_long": 0, "no_supervised": 0, "truncated_at_turn": 0,
+                      "truncated_in_answer": 0}
+        self.modality_lengths = np.full(n, length)  # all multimodal, all of one length
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        text = torch.randint(0, self.vocab, (self.text,), generator=g)
+        image = torch.full((self.image_tokens,), llava.IMAGE_TOKEN_INDEX)
+        input_ids = torch.cat([text[:1], image, text[1:]])  # (length,)
+        labels = input_ids.clone()
+        labels[: self.length - self.text // 2] = IGNORE_INDEX
+        pixels = torch.randn(1, 3, self.image_size, self.image_size, generator=g)  # already "normalised"
+        return {"id": f"synthetic-{i}", "input_ids": input_ids, "labels": labels, "pixel_values": pixels,
+                "replaced": []}
+
+
 def build_data(args, tok, cfg):
     """The tokenized dataset (bad and over-long records already dropped and counted) and this rank's sampler:
     shuffled for pretrain, grouped by length for finetune (XTuner's choice per stage)."""
     import data
 
-    ds = data.open_data(args.data, tok, cfg["template"], args.image_folder, image_tokens=cfg["image_tokens"],
-                        image_size=cfg["image_size"], image_mode=cfg["image_mode"], max_length=args.max_length,
-                        progress=rank() == 0, log=log)
+    if args.synthetic:
+        vocab = base_configs(args)[1].vocab_size
+        ds = SyntheticData(args.synthetic, args.max_length, cfg["image_tokens"], cfg["image_size"], vocab, args.seed)
+    else:
+        ds = data.open_data(args.data, tok, cfg["template"], args.image_folder, image_tokens=cfg["image_tokens"],
+                            image_size=cfg["image_size"], image_mode=cfg["image_mode"], max_length=args.max_length,
+                            progress=rank() == 0, log=log)
     if len(ds) == 0:
         raise SystemExit(f"no usable sample in {args.data} (see the data report above; python data.py check ...)")
     if args.stage == "pretrain":
@@ -822,7 +997,7 @@ def train(args):
     cfg = model_config(args)
     from tokenizer import load_tokenizer
 
-    tok = load_tokenizer(args.llm)
+    tok = None if args.synthetic else load_tokenizer(args.llm)
     ds, sampler = build_data(args, tok, cfg)
     m = build_llava(args, cfg, device)
     params = [p for p in m.parameters() if p.requires_grad]
@@ -859,7 +1034,7 @@ def train(args):
         progress.restart_clock()
 
     def trainer_state():
-        return {"step": step, "epoch": epoch, "consumed": consumed, "args": vars(args)}
+        return {"step": step, "epoch": epoch, "consumed": consumed, "world": world(), "args": vars(args)}
 
     losses, unreadable = [], set()  # records whose image failed to load (data.py used the next sample instead)
     while step < total:
@@ -879,22 +1054,25 @@ def train(args):
             if args.eval_image and args.eval_every and step % args.eval_every == 0:
                 evaluate(engine, tok, cfg, args, step, device)
                 progress.restart_clock()
-            if step % args.save_steps == 0:
+            if step % args.save_steps == 0 and not args.no_save:
                 save_checkpoint(engine, out, trainer_state(), args.save_total_limit)
                 progress.restart_clock()
         else:  # the epoch's data ran out before the step budget
             epoch, consumed = epoch + 1, 0
     progress.close()
-    save_checkpoint(engine, out, trainer_state(), args.save_total_limit)
+    if not args.no_save:
+        save_checkpoint(engine, out, trainer_state(), args.save_total_limit)
     if args.eval_image:
         evaluate(engine, tok, cfg, args, step, device)
-    save_stage_output(engine, cfg, out)
+    if not args.no_save:
+        save_stage_output(engine, cfg, out)
     if world() > 1:
         every = [None] * world()
         torch.distributed.all_gather_object(every, unreadable)
         unreadable = set().union(*every)
     log(f"done: {step} steps | {len(unreadable)} records skipped because their image failed to load (the next "
-        f"sample was used instead; python data.py check lists them) | model in {out / 'model'}")
+        f"sample was used instead; python data.py check lists them) | "
+        + ("nothing saved (--no-save)" if args.no_save else f"model in {out / 'model'}"))
     if args.plot and rank() == 0:
         plot(out)
     return {"out": str(out), "losses": losses, "engine": engine, "report": report,
@@ -959,13 +1137,36 @@ def plot(run_dir, path=None):
     return path
 
 
+def relaunch_like_xtuner(argv):
+    """`NPROC_PER_NODE=8 python train.py ...` (and NNODES, NODE_RANK, ADDR, PORT) starts torchrun as `xtuner train`
+    does (reference §8). Nothing happens under a launcher (RANK is set) or for one process on one machine."""
+    nproc, nnodes = int(os.environ.get("NPROC_PER_NODE", 1)), int(os.environ.get("NNODES", 1))
+    if "RANK" in os.environ or nproc * nnodes == 1:
+        return
+    if nnodes > 1 and not (os.environ.get("ADDR") and os.environ.get("PORT")):
+        raise SystemExit(f"NNODES={nnodes}: set ADDR (the address of the machine with NODE_RANK=0) and PORT (a free "
+                         f"port there), the same on every machine, and NODE_RANK=0..{nnodes - 1} on each")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+           f"--node_rank={os.environ.get('NODE_RANK', 0)}", f"--nproc_per_node={nproc}",
+           f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}",
+           f"--master_port={os.environ.get('PORT') or random.randint(20000, 29999)}", sys.argv[0], *argv]
+    print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+    os.execv(sys.executable, cmd)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plot"]:
         if len(argv) != 2:
             raise SystemExit("usage: python train.py plot RUN_DIR")
         return plot(argv[1])
-    return train(parse_args(argv))
+    if argv[:1] == ["export"]:
+        if len(argv) not in (2, 3):
+            raise SystemExit("usage: python train.py export RUN_DIR/checkpoints/step_N [OUT_DIR]")
+        return export_checkpoint(*argv[1:])
+    args = parse_args(argv)
+    relaunch_like_xtuner(argv)
+    return train(args)
 
 
 if __name__ == "__main__":
