@@ -3,6 +3,8 @@
     python chat.py --image photo.jpg                 # the newest trained model (runs/latest)
     python chat.py --model runs/finetune-.../model   # any supported layout: run folder, HF LLaVA, XTuner, official
     python chat.py                                   # text-only
+    python chat.py --model runs/internlm2-sft-qlora  # a text-only run (train.py --stage sft): its template
+    python chat.py --model merged --template internlm2_chat   # a plain LLM folder names no template: say which
 
 One line is one message. Commands: RESET (new conversation), EXIT, IMAGE <path> (new conversation about another
 image). Template, vision tower, projector and select layer come from the model folder, so no other flag is needed.
@@ -10,7 +12,7 @@ image). Template, vision tower, projector and select layer come from the model f
 Each turn is prefilled on top of the KV cache of the previous turns (only the new tokens are computed, unlike
 XTuner's chat, which re-encodes the whole history every turn). Sampling defaults are XTuner's (temperature 0.1,
 top-k 40, top-p 0.75, up to 2048 new tokens); generation stops at <|eot_id|> / <|end_of_text|>, and special tokens
-are never printed.
+are never printed. A text-only model (no vision tower) chats the same way, without images.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import torch
 
 import clip
 import data
-from model import decode_step, generate, load_model
+from model import GraphedDecodeStep, generate, load_model
 
 
 class Conversation:
@@ -39,12 +41,15 @@ class Conversation:
         self.sep_ids = tok.encode_with_specials(sep) if sep else []
         self.close_ids = data.encode_reply(tok, self.template, "")  # suffix or EOS, then the separator
         self.device = model.llm.embed_tokens.weight.device
-        self.step_fn = None
+        self.step_fn, self.sync_every = None, 1
         if args.compile:
             if self.device.type != "cuda":
                 print("(--compile is for GPUs; running eager on CPU)", file=out)
             else:
-                self.step_fn = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+                # fused blocks (prefill and decode), the decode step replayed from a CUDA graph, and tokens brought
+                # to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
+                model.llm.compile_blocks()
+                self.step_fn, self.sync_every = GraphedDecodeStep(), 4
         self.image = None
         self.reset()
 
@@ -55,6 +60,9 @@ class Conversation:
         self.prefilled = []      # tokens prefilled per turn (shown by --stats; tested)
 
     def set_image(self, path):
+        if self.model.vision is None:
+            print(f"[this is a text-only model (no vision tower): cannot use image {path}]", file=self.out)
+            return False
         try:
             if not os.path.isfile(path):
                 raise FileNotFoundError("no such file")
@@ -105,7 +113,8 @@ class Conversation:
         new = generate(self.model, [ids], pixels, max_new_tokens=self.args.max_new_tokens,
                        temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
                        stop_ids=self.stop_ids, on_token=on_token, cache_offset=self.cached,
-                       max_cache_len=self.args.context, step_fn=self.step_fn, generator=gen)[0]
+                       max_cache_len=self.args.context, step_fn=self.step_fn, generator=gen,
+                       sync_every=self.sync_every)[0]
         t1 = time.perf_counter()
         printer.flush()
         print(file=self.out)
@@ -123,25 +132,35 @@ class Conversation:
 
 
 class _Streamer:
-    """Prints tokens as they come, holding back bytes that do not yet form whole UTF-8 characters."""
+    """Prints tokens as they come, holding back bytes that do not yet form whole UTF-8 characters.
+
+    New tokens are decoded behind the tokens printed last, whose own text is then cut off: sentencepiece drops the
+    space that starts a word's piece ("▁cat") when that piece opens the decoded text, so pieces decoded one by
+    one would print "thecat"."""
 
     def __init__(self, tok, out, stop_ids):
-        self.tok, self.out, self.stop_ids, self.pending = tok, out, set(stop_ids), []
+        self.tok, self.out, self.stop_ids = tok, out, set(stop_ids)
+        self.pending, self.last = [], []  # tokens not printed yet; the tokens printed last (context for spaces)
+
+    def _text(self):
+        head = self.tok.decode(self.last)
+        text = self.tok.decode(self.last + self.pending)
+        return text[len(head):] if text.startswith(head) else self.tok.decode(self.pending)
 
     def push(self, t):
         if t in self.stop_ids or self.tok.is_special(t):
             return
         self.pending.append(t)
-        text = self.tok.decode(self.pending)
+        text = self._text()
         if not text.endswith("\ufffd"):
             self.out.write(text)
             self.out.flush()
-            self.pending = []
+            self.last, self.pending = self.pending, []
 
     def flush(self):
         if self.pending:
-            self.out.write(self.tok.decode(self.pending))
-            self.pending = []
+            self.out.write(self._text())
+            self.last, self.pending = self.pending, []
 
 
 def parse_args(argv=None):
@@ -149,6 +168,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="model folder (default: runs/latest)")
     p.add_argument("--image", default=None, help="image to talk about (omit for a text-only chat)")
     p.add_argument("--system", default=None, help="system prompt (none by default, as in training)")
+    p.add_argument("--template", default=None, choices=sorted(data.TEMPLATES),
+                   help="chat template of a plain LLM folder (a run folder names its own; a different one is refused)")
     p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=0.75,
@@ -159,7 +180,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
                    help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="GPU: compile the decoder blocks and replay each decode step from a CUDA graph "
+                        "(the first answer waits for the compilation)")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer these messages (repeatable) and exit, instead of reading stdin")
@@ -183,6 +206,22 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout):
         model, tok, cfg = load_model(args.model, dtype=dtype, device=args.device)
     except FileNotFoundError as e:  # no runs/latest: the message says how to train one or what to pass
         print(e, file=sys.stderr)
+        return 2
+    where = args.model or "runs/latest"
+    if cfg.get("template") is None:  # a plain LLM folder: the template it was trained with is not written there
+        if args.template is None:
+            print(f"{where} is a plain LLM folder, which does not say its chat template: pass --template "
+                  f"({' | '.join(sorted(data.TEMPLATES))}; InternLM2-Chat: internlm2_chat, Llama-3-Instruct: "
+                  "llama3_chat)", file=sys.stderr)
+            return 2
+        cfg = {**cfg, "template": args.template}
+    elif args.template and args.template != cfg["template"]:  # bound to the checkpoint (xtuner#376)
+        print(f"--template {args.template}: {where} was trained with {cfg['template']} (another template would "
+              "not stop where the model learnt to); leave --template out",
+              file=sys.stderr)
+        return 2
+    if args.image and model.vision is None:
+        print(f"{where} is a text-only model (no vision tower): leave --image out", file=sys.stderr)
         return 2
     chat = Conversation(model, tok, cfg, args, out)
     if args.image:

@@ -179,6 +179,13 @@ class CLIPVisionTower(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.activation_checkpointing = False  # recompute each block in backward (a ViT-LoRA finetune sets it)
 
+    def compile_layers(self, **compile_kwargs):
+        """torch.compile each encoder layer in place (one compilation serves all 24; see Llama.compile_blocks):
+        the LayerNorms, quick-GELU and residual adds fuse into a few kernels. Returns self."""
+        for layer in self.layers:
+            layer.compile(**compile_kwargs)
+        return self
+
     def _embed(self, pixel_values):
         S = self.cfg.image_size
         if tuple(pixel_values.shape[-2:]) != (S, S):

@@ -46,6 +46,9 @@ class Projector(nn.Module):
 
 
 class LLaVA(nn.Module):
+    """vision and projector may both be None: a text-only model (an LLM fine-tuned alone, `train.py --stage sft`),
+    which trains, generates and saves through the same code, with no image ever spliced in."""
+
     def __init__(self, vision, projector, llm, select_layer=-2):
         super().__init__()
         self.vision, self.projector, self.llm = vision, projector, llm
@@ -78,12 +81,15 @@ class LLaVA(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids, labels, pixel_values=None):
+    def forward(self, input_ids, labels, pixel_values=None, position_ids=None, segment_ids=None):
         """Summed next-token cross-entropy over the supervised positions, and their count.
 
         Returning the sum (not the mean) lets train.py divide by the token count of the whole optimizer step, so
-        every supervised token weighs the same whatever the micro-batch and accumulation split (SPEC §3)."""
-        hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values))  # (B, T, C)
+        every supervised token weighs the same whatever the micro-batch and accumulation split (SPEC §3).
+        Packed rows (data.collate_packed) also give position_ids and segment_ids (B, T): each sample then restarts
+        its RoPE positions at 0 and attends only to itself (Llama.forward)."""
+        hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), positions=position_ids,
+                          segment_ids=segment_ids)  # (B, T, C)
         return chunked_cross_entropy(hidden, labels, self.llm.lm_head, self.loss_chunk)
 
     @torch.no_grad()
@@ -152,9 +158,10 @@ class GraphedDecodeStep:
 
     An eager decode step of an 8B Llama launches about a thousand small kernels and the GPU waits on Python between
     them; a graph launches them all at once, so a step costs about its kernels' own time (batch 1 on an H100: 30
-    tok/s eager, 100 tok/s replayed; bench/chat_bench.py). The graph is captured on the first
-    call and again whenever the KV cache was rebuilt (another batch or length): it reads and writes the cache
-    buffers it was captured on, and its inputs are copied into its own static tensors before each replay."""
+    tok/s eager, 100 tok/s replayed; bench/chat_bench.py). After `llm.compile_blocks()` the graph replays the
+    compiled blocks, whose fused kernels are fewer still. The graph is captured on the first call and again
+    whenever the KV cache was rebuilt (another batch or length): it reads and writes the cache buffers it was
+    captured on, and its inputs are copied into its own static tensors before each replay."""
 
     def __init__(self):
         self.graph, self.key = None, None
@@ -187,7 +194,8 @@ def cache_size(llm):
 
 @torch.no_grad()
 def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-             stop_ids=(), on_token=None, cache_offset=0, max_cache_len=None, step_fn=None, generator=None):
+             stop_ids=(), on_token=None, cache_offset=0, max_cache_len=None, step_fn=None, generator=None,
+             sync_every=1):
     """Generate continuations of a batch of prompts with the KV cache.
 
     prompts: list of id lists (image positions as IMAGE_TOKEN_INDEX runs); rows are left-padded to a common
@@ -196,6 +204,10 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     cache. Returns the new tokens of each row; a row stops at its first stop id (kept in its list) or after
     max_new_tokens. The last token of each row is not fed back, so a follow-up turn starts with it.
     on_token(row, token_id) is called as tokens are produced (for streaming).
+    sync_every: decode steps between trips of the new tokens to the host. At 1 each token is streamed as soon as it
+    exists, but the GPU idles while Python looks at it; at k the host queues k steps back to back and hears of
+    their tokens (and of stop tokens) together. The tokens returned are the same; up to k - 1 steps may be computed
+    after every row stopped (their tokens are dropped, and their cache slots lie past what the next turn keeps).
     """
     llm = model.llm
     device = llm.embed_tokens.weight.device
@@ -214,11 +226,12 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
             llm.setup_cache(B, cache_len, dtype=llm.embed_tokens.weight.dtype, device=device)
     S = cache_size(llm)
 
-    ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):  # left padding
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):  # left padding, built on the host and copied once
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[i, T - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
     key_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
     key_valid[:, :cache_offset] = True
     key_valid[:, cache_offset:cache_offset + T] = valid
@@ -231,25 +244,33 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     logits = llm.lm_head(h[:, -1]).float()   # (B, V)
 
     step = step_fn or decode_step
-    stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = set(stop_ids)
+    finished = [False] * B
     out = [[] for _ in range(B)]
+    pending = []  # tokens (B,) sampled since the last sync, still on the device
     pos = positions[:, -1]
     slot = cache_offset + T
+    cache_pos = torch.full((1,), slot, device=device)  # advanced on the device: a host tensor per step would sync
     for n in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        for i, t in enumerate(token.tolist()):  # one host sync per step: needed to stream and to stop
-            if not done[i]:
-                out[i].append(t)
-                if on_token is not None:
-                    on_token(i, t)
-        done |= torch.isin(token, stop)
-        if bool(done.all()) or n == max_new_tokens - 1:
-            break
+        pending.append(token)
+        last = n == max_new_tokens - 1
+        if n % sync_every == 0 or last:  # the first token at once (time to first token), then every sync_every
+            for step_tokens in torch.stack(pending).tolist():  # (k, B): the one host sync of these k steps
+                for i, t in enumerate(step_tokens):
+                    if not finished[i]:
+                        out[i].append(t)
+                        if on_token is not None:
+                            on_token(i, t)
+                        finished[i] = t in stops
+            pending = []
+            if all(finished) or last:
+                break
         key_valid[:, slot] = True
         pos = pos + 1
-        logits = step(llm, token, pos, torch.tensor([slot], device=device), key_valid)
+        logits = step(llm, token, pos, cache_pos, key_valid)
         slot += 1
+        cache_pos = cache_pos + 1
     return out
 
 
@@ -270,7 +291,8 @@ def save_model(model, folder, cfg):
     sizes, the LLM mode (frozen | frozen-nf4 | full | lora | qlora) with its LoRA settings, and the vision LoRA."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.projector.state_dict(), folder, basename="projector")
+    if model.projector is not None:  # a text-only model (cfg "vision": None) has none
+        save_safetensors(model.projector.state_dict(), folder, basename="projector")
     to_llm_hf, _ = lora.hf_name_mapper(llama.HF_KEYS)
     to_vis_hf, _ = lora.hf_name_mapper(clip.HF_KEYS)
     if cfg.get("llm_lora"):
@@ -298,9 +320,12 @@ def _copy_tokenizer(src, dst):
 
 
 def build_model(cfg, dtype=torch.bfloat16, device="cpu", llm_path=None):
-    """Base CLIP + base (or finetuned) Llama + a fresh projector, as llava.json describes them (no adapters yet)."""
-    vision = clip.load_clip(cfg["vision"], dtype=dtype, device=device)
+    """Base CLIP + base (or finetuned) Llama + a fresh projector, as llava.json describes them (no adapters yet);
+    the Llama alone when cfg["vision"] is None (a text-only run)."""
     llm = llama.load_llama(llm_path or cfg["llm"], dtype=dtype, device=device)
+    if cfg.get("vision") is None:
+        return LLaVA(None, None, llm)
+    vision = clip.load_clip(cfg["vision"], dtype=dtype, device=device)
     p = cfg["projector"]
     projector = Projector(p["in"], p["out"], p["hidden"]).to(device=device, dtype=dtype)
     return LLaVA(vision, projector, llm, cfg.get("select_layer", -2))
@@ -318,14 +343,19 @@ def latest_model_dir(runs="runs"):
 def load_model(folder=None, dtype=torch.bfloat16, device="cpu"):
     """Load a trained LLaVA for inference: (model, tokenizer, cfg). `folder` defaults to runs/latest.
 
-    Reads our run folder (llava.json) and the HF transformers LLaVA folder; convert.py reads the other layouts."""
+    Reads our run folder (llava.json), the HF transformers LLaVA folder and a plain LLM folder (Llama or InternLM2:
+    a text-only model, e.g. `convert.py --to llm`'s merged output, whose cfg names no template); convert.py reads the
+    other layouts."""
     folder = Path(folder) if folder else latest_model_dir()
     if (folder / "model" / "llava.json").exists():  # a run folder was given instead of its model/
         folder = folder / "model"
     if (folder / "llava.json").exists():
         return _load_run_model(folder, dtype, device)
-    if (folder / "config.json").exists() and read_json(folder / "config.json").get("model_type") == "llava":
+    kind = read_json(folder / "config.json").get("model_type") if (folder / "config.json").exists() else None
+    if kind == "llava":
         return load_hf_llava(folder, dtype, device)
+    if kind in LLM_MODEL_TYPES:
+        return load_llm(folder, dtype, device)
     import convert  # XTuner and official LLaVA layouts
     return convert.load_any(folder, dtype=dtype, device=device)
 
@@ -334,7 +364,8 @@ def _load_run_model(folder, dtype, device):
     cfg = read_json(folder / "llava.json")
     full = cfg.get("llm_mode") == "full"
     model = build_model(cfg, dtype, device, llm_path=folder / "llm" if full else None)
-    load_with_table(model.projector, CheckpointReader(folder / "projector.safetensors"), PROJECTOR_KEYS, dtype)
+    if model.projector is not None:
+        load_with_table(model.projector, CheckpointReader(folder / "projector.safetensors"), PROJECTOR_KEYS, dtype)
     if cfg.get("llm_lora"):
         c = cfg["llm_lora"]
         lora.inject_lora(model.llm, c["targets"], c["r"], c["alpha"], 0.0, nf4=cfg.get("llm_mode") == "qlora")
@@ -348,6 +379,19 @@ def _load_run_model(folder, dtype, device):
     model.to(device).eval()
     tok = load_tokenizer(folder / "llm" if full else cfg["llm"])
     return model, tok, cfg
+
+
+LLM_MODEL_TYPES = ("llama", "internlm2")  # config.json model_type of the LLM folders llama.load_llama reads
+
+
+def load_llm(folder, dtype=torch.bfloat16, device="cpu"):
+    """A plain LLM folder as a text-only model: (LLaVA with no vision, tokenizer, cfg). The folder does not say
+    which chat template it was trained with, so cfg["template"] is None: the caller must be told (chat.py
+    --template), never guess."""
+    llm = llama.load_llama(folder, dtype=dtype, device=device)
+    cfg = {"llm": str(folder), "vision": None, "template": None, "llm_mode": "full", "llm_lora": None,
+           "vision_lora": None, "image_tokens": 0}
+    return LLaVA(None, None, llm).eval(), load_tokenizer(folder), cfg
 
 
 # projector.safetensors holds our own names (the key table is the identity)

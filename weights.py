@@ -6,14 +6,17 @@ pattern to our parameter name pattern, with `{}` standing for a layer number and
 
     model = Llama(cfg) built on the meta device  ->  load_with_table(model, folder, HF_KEYS, dtype)
 
-which reads one tensor at a time from memory-mapped safetensors (so an 8B model never exists twice in memory),
-renames it through the table, casts it, and assigns it. Anything missing, unexpected or of the wrong shape is an
+which reads each tensor with one positioned read from the safetensors file (a few threads at a time, straight
+on to the target device, so an 8B model never exists twice in memory), renames it through the table, casts it,
+and assigns it. Anything missing, unexpected or of the wrong shape is an
 error that names the keys; nothing is ever loaded with an unchecked `strict=False`.
 """
 
 import json
+import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -46,17 +49,42 @@ def safetensors_files(path):
     return files
 
 
+# safetensors dtype names -> torch dtypes (the format's own spelling, https://github.com/huggingface/safetensors)
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors_header(file):
+    """(header dict, byte offset of the data): a safetensors file is an 8-byte little-endian header length, that
+    many bytes of JSON {key: {dtype, shape, data_offsets: [begin, end]}} (offsets relative to the data), then data."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
 class CheckpointReader:
-    """A lazy view of a (possibly sharded) safetensors checkpoint: tensors are read only when asked for."""
+    """A lazy view of a (possibly sharded) safetensors checkpoint: tensors are read only when asked for.
+
+    `get` reads one tensor with plain positioned reads into a fresh buffer, not through a memory map: from a cold
+    page cache, a read of the whole tensor lets the kernel fetch it in large requests, where a memory map faults
+    it in a page at a time; and several threads may call `get` at once (load_with_table does)."""
 
     def __init__(self, path):
         self.path = Path(path)
-        self._where = {}  # key -> file
+        self._where = {}  # key -> (file, absolute byte offset, bytes, dtype name, shape)
         for f in safetensors_files(path):
-            with safe_open(f, framework="pt") as h:
-                for k in h.keys():
-                    self._where[k] = f
-        self._handles = {}
+            header, data_start = read_safetensors_header(f)
+            for k, info in header.items():
+                if k == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self._where[k] = (f, data_start + begin, end - begin, info["dtype"], tuple(info["shape"]))
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is not None and end - begin != math.prod(info["shape"]) * dtype.itemsize:
+                    raise CheckpointError(f"{f}: {k} holds {end - begin} bytes, its shape {info['shape']} and dtype "
+                                          f"{info['dtype']} need {math.prod(info['shape']) * dtype.itemsize}: the "
+                                          "file is damaged; download or convert it again")
 
     def keys(self):
         return list(self._where)
@@ -64,20 +92,29 @@ class CheckpointReader:
     def __contains__(self, key):
         return key in self._where
 
-    def _slice(self, key):
-        f = self._where[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(f, framework="pt")
-        return self._handles[f].get_slice(key)
-
     def shape(self, key):
-        return tuple(self._slice(key).get_shape())
+        return self._where[key][4]
 
-    def get(self, key):
-        f = self._where[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(f, framework="pt")
-        return self._handles[f].get_tensor(key)
+    def location(self, key):
+        """(file, byte offset): reading keys in this order walks each file front to back."""
+        return str(self._where[key][0]), self._where[key][1]
+
+    def get(self, key, pin_memory=False):
+        """The tensor, in a fresh CPU buffer (page-locked with pin_memory=True, for asynchronous GPU copies)."""
+        f, offset, nbytes, dtype, shape = self._where[key]
+        if dtype not in SAFETENSORS_DTYPES:  # a rarer dtype (fp8 ...): let safetensors itself decode it
+            with safe_open(f, framework="pt") as h:
+                return h.get_tensor(key)
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        view = memoryview(buf.numpy())
+        with open(f, "rb", buffering=0) as h:
+            h.seek(offset)
+            while view.nbytes:  # readinto may return less than asked (Linux reads at most ~2 GB at once)
+                n = h.readinto(view)
+                if not n:
+                    raise CheckpointError(f"{f} ends inside {key}: the file is truncated; download it again")
+                view = view[n:]
+        return buf.view(SAFETENSORS_DTYPES[dtype]).view(shape)
 
     def items(self):
         return ((k, self.get(k)) for k in self._where)
@@ -174,7 +211,7 @@ def load_with_table(module, src, table, dtype=None, device=None, prefix=""):
     """
     reader = as_reader(src)
     expected = {k: v for k, v in module.state_dict(keep_vars=True).items()}
-    state, unexpected, bad_shape = {}, [], []
+    todo, unexpected, bad_shape = [], [], []  # todo: (checkpoint key, our name), every check passed
     for key in reader.keys():
         if not key.startswith(prefix):
             continue
@@ -189,23 +226,39 @@ def load_with_table(module, src, table, dtype=None, device=None, prefix=""):
             unexpected.append(f"{key} (-> {ours})")
             continue
         want = tuple(expected[ours].shape)
-        if reader.shape(key) != want:
+        if tuple(reader.shape(key)) != want:
             bad_shape.append(f"{key}: checkpoint {list(reader.shape(key))}, model {list(want)}")
             continue
-        t = reader.get(key)
-        if t.is_floating_point():
-            target = dtype or (expected[ours].dtype if expected[ours].device.type != "meta" else t.dtype)
-            t = t.to(dtype=target)
-        if device is not None:
-            t = t.to(device)
-        state[ours] = t
-    missing = [k for k in expected if k not in state]
-    if unexpected or missing or bad_shape:
+        todo.append((key, ours))
+    loaded = {ours for _, ours in todo}
+    missing = [k for k in expected if k not in loaded]
+    if unexpected or missing or bad_shape:  # checked before a single tensor is read
         lines = [f"checkpoint {getattr(reader, 'path', '<state dict>')} does not fit {type(module).__name__}:"]
         for name, keys in (("unexpected", unexpected), ("missing", missing), ("wrong shape", bad_shape)):
             if keys:
                 lines.append(f"  {name} keys ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise CheckpointError("\n".join(lines))
+
+    def fetch(item):
+        key, ours = item
+        t = reader.get(key)
+        if device is not None:
+            t = t.to(device)  # to the GPU before the cast: a GPU casts fp32 -> bf16 faster than the CPU
+        if t.is_floating_point():
+            t = t.to(dtype or (expected[ours].dtype if expected[ours].device.type != "meta" else t.dtype))
+        return ours, t
+
+    if isinstance(reader, CheckpointReader):
+        # Reading one tensor after another leaves the disk idle while each is copied to the GPU, and the GPU idle
+        # while the next is read. A few threads keep several reads in flight (file order: near-sequential), and
+        # each thread's copy to the device overlaps the others' reads (both release the GIL). Plain pageable
+        # copies: pinned buffers would make the copies asynchronous too, but the disk is the slower side, and
+        # PyTorch keeps freed pinned memory cached (gigabytes of locked host memory after an 8B load).
+        todo.sort(key=lambda item: reader.location(item[0]))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            state = dict(pool.map(fetch, todo))
+    else:  # other readers (a state dict, InternLM2's unpacking view) are read in order, on this thread
+        state = dict(map(fetch, todo))
     module.load_state_dict(state, assign=True)
     return module
 

@@ -27,6 +27,10 @@ def extra_args(p):
     p.add_argument("--eval-batches", default="16,32")
     p.add_argument("--eval-new-tokens", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="profile 16 decode steps of each variant")
+    p.add_argument("--variants", default="eager,cuda_graph,cuda_graph_sync8,compiled_sync8",
+                   help="ours, in this order (compiled_* compile the blocks for good, so they come last): eager; "
+                        "cuda_graph (GraphedDecodeStep); *_sync8 (generate(sync_every=8)); compiled_sync8 "
+                        "(Llama.compile_blocks + CLIP compile_layers + GraphedDecodeStep + sync_every=8)")
 
 
 def prompts(P, n_text, lengths, image_id, vocab, seed=0):
@@ -64,33 +68,43 @@ def run_ours(args, P, vcfg, lcfg):
     px = C.pixels(1, vcfg.image_size, args.device)
     cache_len = len(chat[0]) + args.new_tokens
 
-    def gen(batch, pixel_values, n, step_fn=None):
+    def gen(batch, pixel_values, n, step_fn=None, sync_every=1):
         clock = Clock()
         M.generate(net, batch, pixel_values, max_new_tokens=n, on_token=lambda i, t: i == 0 and clock(),
-                   step_fn=step_fn, max_cache_len=cache_len if len(batch) == 1 else None)
+                   step_fn=step_fn, max_cache_len=cache_len if len(batch) == 1 else None, sync_every=sync_every)
         return clock
 
-    graphed = getattr(M, "GraphedDecodeStep", None)
-    variants = [("eager", None)] + ([("cuda_graph", graphed())] if graphed and args.device == "cuda" else [])
-    for name, step_fn in variants:
-        gen(chat, px, 8, step_fn)  # warm-up: kernels chosen, graph captured for this cache
-        ttft = statistics.median(gen(chat, px, 1, step_fn).ttft() for _ in range(5))
-        clock = gen(chat, px, args.new_tokens, step_fn)
+    graphs = args.device == "cuda"  # CUDA graphs need a GPU; on the CPU (--tiny) every variant steps eagerly
+    names = args.variants.split(",")
+    for name in names:
+        if name.startswith("compiled"):
+            net.llm.compile_blocks()
+            net.vision.compile_layers()
+        step_fn = M.GraphedDecodeStep() if name != "eager" and graphs else None
+        sync_every = 8 if name.endswith("sync8") else 1
+        t = time.perf_counter()
+        gen(chat, px, 8, step_fn, sync_every)  # warm-up: kernels chosen (compiled), graph captured for this cache
+        warm_s = time.perf_counter() - t
+        ttft = statistics.median(gen(chat, px, 1, step_fn, sync_every).ttft() for _ in range(5))
+        clock = gen(chat, px, args.new_tokens, step_fn, sync_every)
         C.emit(args, bench="chat", variant=name, ttft_ms=round(ttft * 1e3, 2),
-               decode_tok_s=round(clock.decode_rate(), 2), new_tokens=len(clock.times),
-               prompt_positions=len(chat[0]), peak_gb=round(C.peak_gb(args.device), 2), versions=C.versions())
+               decode_tok_s=round(clock.decode_rate(), 2), new_tokens=len(clock.times), sync_every=sync_every,
+               warmup_s=round(warm_s, 1), prompt_positions=len(chat[0]), peak_gb=round(C.peak_gb(args.device), 2),
+               versions=C.versions())
         if args.profile:
-            C.profile(lambda: gen(chat, px, 17, step_fn), args.device, f"ours generate 1 image, 17 tokens, {name}")
-    step_fn = variants[-1][1]
+            C.profile(lambda: gen(chat, px, 17, step_fn, sync_every), args.device,
+                      f"ours generate 1 image, 17 tokens, {name}")
+    name = names[-1]
+    sync_every = 8 if name.endswith("sync8") else 1
     for B in (int(b) for b in args.eval_batches.split(",")):
         qs = prompts(P, 0, [60 + (i * 37) % 41 for i in range(B)], -200, lcfg.vocab_size, seed=B)
         pix = C.pixels(B, vcfg.image_size, args.device, seed=B)
-        graph_step = graphed() if step_fn is not None else None  # its own graph for this batch's cache
-        gen(qs, pix, args.eval_new_tokens, graph_step)  # warm-up
+        graph_step = M.GraphedDecodeStep() if name != "eager" and graphs else None  # its own graph for this batch's cache
+        gen(qs, pix, args.eval_new_tokens, graph_step, sync_every)  # warm-up
         t = C.now(args.device)
-        gen(qs, pix, args.eval_new_tokens, graph_step)
+        gen(qs, pix, args.eval_new_tokens, graph_step, sync_every)
         dt = C.now(args.device) - t
-        C.emit(args, bench="eval", variant=variants[-1][0], batch=B, new_tokens=args.eval_new_tokens,
+        C.emit(args, bench="eval", variant=name, batch=B, new_tokens=args.eval_new_tokens, sync_every=sync_every,
                questions_s=round(B / dt, 2), batch_s=round(dt, 3), peak_gb=round(C.peak_gb(args.device), 2))
 
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  importing transformers (HF side) imports it, and so does our first op on the
+#                       meta device (~2 s): both sides start the clock with it imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402

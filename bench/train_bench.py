@@ -44,6 +44,7 @@ def extra_args(p):
     p.add_argument("--ckpt-layers", default="auto",
                    help="ours: blocks to checkpoint (an int, 'all', or 'auto' = fewest that fit in memory)")
     p.add_argument("--profile", action="store_true", help="after timing, profile one step and print the top ops")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder block (compile_blocks)")
     p.add_argument("--no-kbit-prep", action="store_true",
                    help="HF bf16 LoRA: skip prepare_model_for_kbit_training (which XTuner calls and which casts the "
                         "whole bf16 LLM to fp32); the base stays bf16")
@@ -63,6 +64,8 @@ def setup_ours(args):
         lora.inject_lora(net.llm, M.LLM_LORA_TARGETS, nf4=args.workload == "qlora", compute_dtype=torch.bfloat16,
                          device=args.device, **LORA)
     net.projector.requires_grad_(True)  # trained in every workload (XTuner's finetune trains it too)
+    if args.compile:
+        net.llm.compile_blocks()  # compiled during the first (checkpointing-search) step, before any timing
     net.train()
     return net
 
@@ -233,7 +236,7 @@ def main():
     rec = dict(bench="train", workload=args.workload, micro_batch=mb, positions=T, supervised=n_sup,
                step_s=round(dt, 4), samples_s=round(mb / dt, 3), tokens_s=round(mb * T / dt, 1),
                peak_gb=round(C.peak_gb(args.device), 2), trainable_params=n_train, ckpt_layers=ckpt,
-               build_s=round(build_s, 1), versions=C.versions())
+               build_s=round(build_s, 1), compiled=bool(args.compile), versions=C.versions())
     if args.side == "hf" and args.workload in ("qlora", "lora"):
         rec["kbit_prep"] = not args.no_kbit_prep
     if args.workload.startswith("pretrain"):

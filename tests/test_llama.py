@@ -176,6 +176,37 @@ def test_decode_step_compiles_without_graph_breaks_or_recompiles(model):
     model.free_cache()
 
 
+def test_compiled_blocks_trace_whole_and_match_eager(model):
+    """compile_blocks: every block is traced as one graph (fullgraph=True fails on any break) in training, with
+    activation checkpointing, in prefill and in decode, and computes what the eager blocks compute. The "eager"
+    backend runs the traced graphs as they are: it checks the tracing, not Inductor's kernels (GPU: bench/)."""
+    import copy
+
+    compiled = copy.deepcopy(model).compile_blocks(backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    grads = []
+    for m in (model, compiled):
+        m.train()
+        m.activation_checkpointing = 1  # block 0 checkpointed (compiled inside checkpoint), block 1 not
+        m.zero_grad()
+        m.lm_head(m(IDS[:, :16])).pow(2).mean().backward()
+        grads.append({n.replace("._orig_mod", ""): p.grad.clone() for n, p in m.named_parameters()})
+        m.activation_checkpointing = False
+        m.eval()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+    outs = []
+    for m in (model, compiled):
+        m.setup_cache(batch=2, max_len=16)
+        with torch.no_grad():
+            steps = [our_logits(m, IDS[:, :8], cache_pos=torch.arange(8))]
+            steps += [our_logits(m, IDS[:, t:t + 1], cache_pos=torch.tensor([t])) for t in range(8, 12)]
+        outs.append(torch.cat(steps, 1))
+        m.free_cache()
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=0)
+    model.zero_grad()
+
+
 def test_cache_pos_without_cache_says_what_to_do(model):
     with pytest.raises(RuntimeError, match="setup_cache"):
         model(IDS[:, :1], cache_pos=torch.tensor([0]))
@@ -284,3 +315,28 @@ def test_config_reading_and_named_sizes():
     assert n == 8_030_261_248 and n2 == 6_738_415_616  # Meta's published Llama-3-8B and Llama-2-7B counts
     with pytest.raises(ValueError, match="yarn"):
         LlamaConfig.from_hf_config({**raw, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_checkpoint_reader_reads_like_safetensors(tmp_path):
+    """CheckpointReader reads tensors itself (positioned reads, from several threads in load_with_table): every
+    dtype and shape comes back exactly as safetensors' own reader gives it, and a truncated file is named."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.bf16": torch.randn(5, 7, generator=g).to(torch.bfloat16), "b.f32": torch.randn(3, generator=g),
+          "c.f16": torch.randn(2, 2, 2, generator=g).half(), "d.i64": torch.arange(6).view(2, 3),
+          "e.bool": torch.tensor([True, False, True]), "f.scalar": torch.tensor(2.5), "g.empty": torch.zeros(0, 4)}
+    save_file(sd, tmp_path / "x.safetensors")
+    reader = weights.CheckpointReader(tmp_path / "x.safetensors")
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        for k in sd:
+            ref = f.get_tensor(k)
+            got = reader.get(k)
+            assert got.dtype == ref.dtype and got.shape == ref.shape and reader.shape(k) == tuple(ref.shape)
+            assert torch.equal(got, ref), k
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "y.safetensors").write_bytes(data[:-8])  # the last tensor's bytes cut short
+    last = max(sd, key=lambda k: reader.location(k)[1])
+    cut = weights.CheckpointReader(tmp_path / "y.safetensors")
+    with pytest.raises(weights.CheckpointError, match="truncated"):
+        cut.get(last)

@@ -168,6 +168,38 @@ def test_generate_stops_and_continues_from_cache(hf_and_ours):
     ours.float()
 
 
+def test_sync_every_and_step_fn_give_the_same_tokens(hf_and_ours):
+    """generate(sync_every=k) brings tokens to the host k steps at a time: the tokens returned, the on_token calls
+    and where each row stops are the same as with a sync every step; at most k - 1 steps run past the last stop.
+    A step_fn (GraphedDecodeStep on a GPU) is called in place of decode_step with the same arguments."""
+    _, ours = hf_and_ours
+    ours = ours.double()
+    g = torch.Generator().manual_seed(5)
+    img = [M.IMAGE_TOKEN_INDEX] * 16
+    prompts = [[5, 6] + img + [8, 9], img + torch.randint(0, 200, (6,), generator=g).tolist()]
+    pixels = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    full = M.generate(ours, prompts, pixels, max_new_tokens=12)
+    stop = [full[0][4], full[1][9]]  # row 0 stops early, row 1 late
+    runs = []
+    for k in (1, 3, 8, 20):
+        streamed, steps = [], []
+
+        def step_fn(*args):
+            steps.append(1)
+            return M.decode_step(*args)
+
+        out = M.generate(ours, prompts, pixels, max_new_tokens=12, stop_ids=stop, sync_every=k,
+                         on_token=lambda i, t: streamed.append((i, t)), step_fn=step_fn)
+        runs.append((out, streamed))
+        n_needed = max(len(o) for o in out) - 1  # decode steps before the last row stopped
+        assert n_needed <= len(steps) <= min(n_needed + k - 1, 11)
+    for out, streamed in runs:
+        assert (out, streamed) == runs[0]
+    for row, s in zip(runs[0][0], stop):  # each row ends at its first stop token, as the full run predicts
+        assert row[-1] == s and s not in row[:-1]
+    ours.float()
+
+
 def test_sample_filters():
     logits = torch.tensor([[0.0, 1.0, 3.0, 2.0, -1.0]])
     g = torch.Generator().manual_seed(0)
