@@ -3,15 +3,21 @@
     python convert.py runs/latest --to hf --out llava-hf                # transformers LlavaForConditionalGeneration
     python convert.py runs/latest --to xtuner --out llava-xtuner        # projector/ + llm_adapter/ + ... (XTuner)
     python convert.py runs/latest --to official --out llava-official    # haotian-liu/LLaVA `llava_llama`
-    python convert.py runs/latest --to llm --out llama-merged           # the LLM alone, LoRA merged (HF Llama)
+    python convert.py runs/latest --to llm --out llama-merged           # the LLM alone, LoRA merged, in its base's
+                                                                        # layout (HF Llama, or InternLM2 + its *.py)
     python convert.py runs/latest --to clip --out clip-merged           # the vision tower alone, LoRA merged
     python convert.py runs/latest --to adapters --out adapters          # PEFT adapters (as trained, not merged)
     python convert.py work_dirs/x/iter_2181.pth --llm META_LLAMA --vision CLIP --to hf --out llava-hf
+    python convert.py runs/x/checkpoints/step_500 --to llm --out merged  # a train.py checkpoint (exported first)
 
-Sources: our run folder (llava.json), any of the layouts above, XTuner's `iter_N.pth` (a file, or the DeepSpeed
-folder XTuner writes under that name) and XTuner's published projector folder. Everything is written as
-safetensors (bf16 by default, `--fp32` on request), sharded with an index past `--max-shard-size`. `--verify`
-reloads the export and compares its logits with the source model's on a probe image and prompt.
+Sources: our run folder (llava.json; a text-only `--stage sft` run converts `--to llm` or `--to adapters`), a
+train.py checkpoint (`checkpoints/step_N`: `train.py export` turns it into a run folder first), a plain Llama /
+InternLM2 folder, any of the layouts above, XTuner's `iter_N.pth` (a file, or the DeepSpeed folder XTuner writes
+under that name) and XTuner's published projector folder. XTuner's LoRA on an InternLM2 LLM sits on the packed
+`wqkv` (and the `output` head), which our separate q/k/v projections cannot hold: it is merged at load.
+Everything is written as safetensors (bf16 by default, `--fp32` on request), sharded with an index past
+`--max-shard-size`. `--verify` reloads the export and compares its logits with the source model's on a probe image
+and prompt (`--to llm`: on the prompt alone).
 
 Every layout is a key table: HF's lives in model.py (`hf_llava_keys`), Llama's in llama.py, CLIP's in clip.py;
 the XTuner and official ones below. A QLoRA run is dequantized, then merged (XTuner refuses to export it).
@@ -29,6 +35,7 @@ file is ever run (SPEC §4).
 
 import argparse
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,7 +47,7 @@ import clip
 import data
 import llama
 import lora
-from model import PROJECTOR_KEYS, LLaVA, Projector, _copy_tokenizer, hf_llava_keys, load_model
+from model import LLM_MODEL_TYPES, PROJECTOR_KEYS, LLaVA, Projector, _copy_tokenizer, hf_llava_keys, load_model
 from tokenizer import TiktokenTokenizer, load_tokenizer, write_hf_tokenizer
 from weights import (CheckpointReader, invert_table, load_with_table, read_json, rename_state_dict,
                      save_safetensors, write_json)
@@ -156,12 +163,19 @@ def read_projector(path, state_dict=None):
 
 
 def load_any(path, dtype=torch.bfloat16, device="cpu", llm=None, vision=None, template="llama3_chat",
-             lora_alpha=16, vision_lora_alpha=16):
+             lora_alpha=None, vision_lora_alpha=16):
     """Any supported layout -> (LLaVA, tokenizer, cfg). `llm` / `vision` name the base models when the layout only
-    holds what was trained (XTuner's folder and .pth, a projector folder)."""
+    holds what was trained (XTuner's folder and .pth, a projector folder). lora_alpha: of an XTuner .pth's LLM
+    adapter (not stored in it); None = XTuner's recipes' value, 256 for an InternLM2 LLM, else 16."""
     path = Path(path)
     if path.is_dir() and ((path / "llava.json").exists() or (path / "model" / "llava.json").exists()):
         return load_model(path, dtype, device)
+    # one of train.py's checkpoints (or a run folder that only has checkpoints): DeepSpeed files, like XTuner's
+    # iter_N.pth folder, but ours name their run's flags (trainer_state.json), so `train.py export` rebuilds model/
+    if (path / "trainer_state.json").exists() or (path / "checkpoints").is_dir():
+        import train
+
+        return load_model(train.export_checkpoint(path), dtype, device)
     kind = read_json(path / "config.json").get("model_type") if (path / "config.json").exists() else None
     if kind == "llava":
         model, tok, cfg = load_model(path, dtype, device)
@@ -171,8 +185,11 @@ def load_any(path, dtype=torch.bfloat16, device="cpu", llm=None, vision=None, te
     if (path / "projector").is_dir() or kind == "projector" or path.suffix == ".pth" or \
             (path / "mp_rank_00_model_states.pt").exists():
         return _load_xtuner(path, dtype, device, llm, vision, template, lora_alpha, vision_lora_alpha)
-    raise ValueError(f"{path}: not a layout convert.py knows (our run folder with llava.json, an HF LLaVA folder, an "
-                     "XTuner folder with projector/, an official llava_llama folder, or an XTuner iter_N.pth)")
+    if kind in LLM_MODEL_TYPES:  # a plain LLM folder (XTuner's full LLM sits next to projector/, read above)
+        return load_model(path, dtype, device)
+    raise ValueError(f"{path}: not a layout convert.py knows (our run folder with llava.json or its checkpoints/"
+                     "step_N, an HF LLaVA folder, an XTuner folder with projector/, an official llava_llama folder, "
+                     "an XTuner iter_N.pth, or a plain Llama / InternLM2 folder)")
 
 
 def _need(value, flag, what):
@@ -208,7 +225,9 @@ def _load_xtuner(path, dtype, device, llm, vision, template, lora_alpha, vision_
     """XTuner's export folder (projector/, llm_adapter/, visual_encoder_adapter/, visual_encoder/, a full LLM at its
     root), its projector folder alone, or its training checkpoint iter_N.pth, which holds the trainable keys only:
     `projector.model.*`, `llm.base_model.model.*.lora_{A,B}.default.weight` (LoRA) or `llm.model.*` (full), and
-    the same under `visual_encoder.`. LoRA alpha is not in a .pth: XTuner's Llama-3 recipes use 16."""
+    the same under `visual_encoder.`. LoRA alpha is not in a .pth: XTuner's Llama-3 recipes use 16, its
+    InternLM2 ones 256 (lora_alpha=None picks by the LLM). An InternLM2 LLM's adapter is merged into its weights
+    (llama.merge_internlm2_adapter): the model then holds a full LLM (cfg llm_mode "full")."""
     path = Path(path)
     folder = path.is_dir() and ((path / "projector").is_dir() or _is_projector_folder(path))
     sd = {} if folder else read_xtuner_pth(path)
@@ -225,6 +244,9 @@ def _load_xtuner(path, dtype, device, llm, vision, template, lora_alpha, vision_
            "vision_mode": "full" if own_tower else "frozen", "vision_lora": None}
     model = LLaVA(clip.load_clip(vision_path, dtype, device), Projector(vcfg.hidden_size, tcfg.hidden_size),
                   llama.load_llama(llm_path, dtype, device), -2)
+    internlm2 = tcfg.layout == "internlm2"
+    if lora_alpha is None:
+        lora_alpha = 256 if internlm2 else 16  # reference §1.6: InternLM2 QLoRA r 512 / alpha 256; Llama-3 alpha 16
     load_with_table(model.projector, read_projector(path, None if folder else sd), PROJECTOR_KEYS, dtype, device)
     for prefix, sub, part, key, alpha in (("llm.", "llm_adapter", model.llm, "llm", lora_alpha),
                                           ("visual_encoder.", "visual_encoder_adapter", model.vision, "vision",
@@ -241,8 +263,15 @@ def _load_xtuner(path, dtype, device, llm, vision, template, lora_alpha, vision_
             raise ValueError(f"{path}: `{prefix}*` mixes LoRA and plain weights (e.g. {plain[:3]}); convert.py reads "
                              "an adapter or a fully trained part, not both")
         if plain:  # a fully trained part: XTuner saves every one of its weights
-            load_with_table(part, own, table, dtype, device)
+            if key == "llm" and internlm2:  # InternLM2's names and packed wqkv
+                load_with_table(part, llama.InternLM2Reader(own, tcfg), llama.INTERNLM2_KEYS, dtype, device)
+            else:
+                load_with_table(part, own, table, dtype, device)
             cfg[f"{key}_mode"] = "full"
+        elif own and key == "llm" and internlm2:
+            # merged into the full-precision weights now, before anything could quantize them
+            llama.merge_internlm2_adapter(part, own, config={"lora_alpha": alpha})
+            cfg["llm_mode"] = "full"
         elif own:
             cfg[f"{key}_lora"] = _add_adapter(part, own, table, alpha, dropout)
             if key == "llm":
@@ -404,10 +433,16 @@ def write_adapters(model, cfg, out, llm_name="llm_adapter", vision_name="vision_
 
 
 def write_llm(model, tok, cfg, out, dtype, shard):
-    """The LLM alone as an HF LlamaForCausalLM folder, LoRA merged and NF4 dequantized."""
+    """The LLM alone, LoRA merged and NF4 dequantized, in its base's own layout: an HF LlamaForCausalLM folder, or an
+    InternLM2ForCausalLM one (llama.save_llama keeps the layout it read) with the base's remote-code `*.py` files,
+    which transformers runs it with (trust_remote_code) and its config.json's auto_map names."""
     lora.merge_lora(model.llm)
     llama.save_llama(model.llm, out, dtype=dtype, max_shard_bytes=shard)
     _write_tokenizer(tok, cfg, out)
+    src = Path(cfg.get("llm") or "")
+    if cfg.get("llm") and src.is_dir() and src.resolve() != Path(out).resolve():
+        for f in sorted(src.glob("*.py")):
+            shutil.copyfile(f, Path(out) / f.name)
 
 
 def write_clip(model, out, dtype):
@@ -425,14 +460,18 @@ WRITERS = {"hf": write_hf, "official": write_official, "xtuner": write_xtuner, "
 # Verification: the export must give the source model's logits
 
 
-def probe_logits(model, tok, cfg):
-    """Logits (T, V) of a fixed prompt about a fixed picture: a colour gradient at the tower's input size."""
+def probe_logits(model, tok, cfg, text_only=False):
+    """Logits (T, V) of a fixed prompt about a fixed picture: a colour gradient at the tower's input size. text_only
+    (the LLM alone, for --to llm): the prompt's text only, with no template (a plain LLM folder names none)."""
+    device = model.llm.embed_tokens.weight.device
+    if text_only:
+        ids = [tok.bos_id] * (tok.bos_id is not None) + tok.encode("What is in this picture?")
+        return model.logits(torch.tensor([ids], device=device))[0]  # (T, V)
     g = Image.linear_gradient("L")  # 256 x 256, dark at the top, light at the bottom
     image = Image.merge("RGB", (g, g.rotate(90), Image.new("L", g.size, 128)))
     pixels = clip.preprocess(image, model.vision.cfg.image_size)[None]  # (1, 3, S, S)
     ids = data.encode_prompt(tok, cfg.get("template", "llama3_chat"), "<image>\nWhat is in this picture?",
                              image_tokens=model.vision.cfg.num_patches)
-    device = model.llm.embed_tokens.weight.device
     return model.logits(torch.tensor([ids], device=device), pixels.to(device))[0]  # (T, V)
 
 
@@ -460,7 +499,9 @@ def main(argv=None):
     p.add_argument("--llm", help="base LLM folder, for sources that only hold what was trained")
     p.add_argument("--vision", help="base CLIP folder, likewise")
     p.add_argument("--template", default="llama3_chat", help="for sources that do not name one")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LLM LoRA alpha of an XTuner .pth (not stored in it)")
+    p.add_argument("--lora-alpha", type=int, default=None,
+                   help="LLM LoRA alpha of an XTuner .pth (not stored in it; default: XTuner's recipes' 16, or 256 for "
+                        "an InternLM2 LLM)")
     p.add_argument("--vision-lora-alpha", type=int, default=16)
     p.add_argument("--verify", action="store_true", help="reload the export and compare logits with the source")
     args = p.parse_args(argv)
@@ -476,8 +517,14 @@ def main(argv=None):
     model, tok, cfg = load_any(src, dtype=torch.float32, device="cpu", llm=args.llm, vision=args.vision,
                                template=args.template, lora_alpha=args.lora_alpha,
                                vision_lora_alpha=args.vision_lora_alpha)
-    check = args.verify and args.to in ("hf", "official", "xtuner")
-    reference = probe_logits(model, tok, cfg) if check else None  # before the writers merge the adapters in place
+    if model.vision is None and args.to not in ("llm", "adapters"):
+        print(f"{src} is a text-only model (no vision tower, no projector): convert it --to llm (a plain LLM folder, "
+              "adapters merged) or --to adapters", file=sys.stderr)
+        return 2
+    check = args.verify and args.to in ("hf", "official", "xtuner", "llm")
+    text_only = args.to == "llm"  # the export is the LLM alone: compare it on text
+    # before the writers merge the adapters in place
+    reference = probe_logits(model, tok, cfg, text_only) if check else None
     if args.to == "adapters":
         if not write_adapters(model, cfg, out):
             print(f"{src} has no LoRA adapters to write", file=sys.stderr)
@@ -490,7 +537,7 @@ def main(argv=None):
     if check:
         back, tok2, _ = load_any(out, dtype=torch.float32, llm=args.llm or cfg.get("llm"),
                                  vision=args.vision or cfg.get("vision"), template=args.template)
-        if not verify(reference, probe_logits(back, tok2, cfg), dtype):
+        if not verify(reference, probe_logits(back, tok2, cfg, text_only), dtype):
             return 1
     return 0
 

@@ -354,7 +354,7 @@ def load_model(folder=None, dtype=torch.bfloat16, device="cpu"):
     kind = read_json(folder / "config.json").get("model_type") if (folder / "config.json").exists() else None
     if kind == "llava":
         return load_hf_llava(folder, dtype, device)
-    if kind in LLM_MODEL_TYPES:
+    if kind in LLM_MODEL_TYPES and not (folder / "projector").is_dir():  # (XTuner puts a full LLM next to one)
         return load_llm(folder, dtype, device)
     import convert  # XTuner and official LLaVA layouts
     return convert.load_any(folder, dtype=dtype, device=device)

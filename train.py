@@ -1,6 +1,8 @@
-"""Train LLaVA under DeepSpeed: stage 1 (projector alignment) or stage 2 (instruction finetuning).
+"""Train LLaVA under DeepSpeed: stage 1 (projector alignment) or stage 2 (instruction finetuning); or, with
+`--stage sft`, the LLM alone on text conversations (no vision tower, no projector).
 
     python train.py @recipes/pretrain.args --llm LLM_DIR --vision CLIP_DIR            # one process
+    python train.py @recipes/internlm2-sft-qlora.args --data messages.jsonl            # text-only, packed rows
     deepspeed train.py @recipes/finetune-full-vitlora.args --init-from runs/latest   # all local GPUs
     torchrun --nproc_per_node 8 train.py @recipes/...                                # same, with torchrun
     NPROC_PER_NODE=8 python train.py @recipes/... --deepspeed deepspeed_zero3         # same, as XTuner launches
@@ -60,6 +62,7 @@ import model as llava
 from model import IGNORE_INDEX, LLM_LORA_TARGETS, VISION_LORA_TARGETS
 from weights import read_json, write_json
 
+STAGES = ("pretrain", "finetune", "sft")
 LLM_MODES = ("frozen", "frozen-nf4", "full", "lora", "qlora")
 WARMUP_START = 1e-5  # warmup starts at lr x 1e-5 (XTuner's LinearLR start_factor)
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the mfu field; other devices print no mfu
@@ -123,10 +126,13 @@ def build_parser():
     p = RecipeParser(description=__doc__.split("\n\n")[0], fromfile_prefix_chars="@",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
-    g.add_argument("--stage", choices=("pretrain", "finetune"), required=True,
-                   help="pretrain: projector only, images center-cropped; finetune: images padded to square")
-    g.add_argument("--llm", required=True, help="HF Llama folder (config.json, safetensors, tokenizer files)")
-    g.add_argument("--vision", required=True, help="HF CLIP folder (e.g. clip-vit-large-patch14-336)")
+    g.add_argument("--stage", choices=STAGES, required=True,
+                   help="pretrain: projector only, images center-cropped; finetune: images padded to square; sft: "
+                        "the LLM alone on text-only records (no --vision), its output a plain LLM plus adapter")
+    g.add_argument("--llm", required=True,
+                   help="HF Llama or InternLM2 folder (config.json, safetensors, tokenizer files)")
+    g.add_argument("--vision", default=None,
+                   help="HF CLIP folder (e.g. clip-vit-large-patch14-336); required for pretrain and finetune")
     g.add_argument("--template", default="llama3_chat", help="chat template name (data.TEMPLATES)")
     g.add_argument("--select-layer", type=int, default=-2, help="CLIP layer whose output feeds the projector")
     g.add_argument("--image-mode", choices=("pad", "crop"), default=None,
@@ -161,6 +167,9 @@ def build_parser():
     g.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     g.add_argument("--max-length", type=int, default=2048,
                    help="sequence limit in positions, counting every image's positions (576 per image)")
+    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
+                   help="--stage sft: pack several samples into each row of --max-length positions, each sample "
+                        "attending only to itself (data.PackedDataset; XTuner's pack_to_max_length)")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
 
     g = p.add_argument_group("optimization")
@@ -225,6 +234,20 @@ def parse_args(argv=None):
         parser.error("--data is required (a LLaVA json/jsonl file, RECORDS.json:IMAGE_FOLDER, or a mix file)")
     if args.synthetic and args.eval_image:
         parser.error("--eval-image needs real data and a tokenizer: leave it out with --synthetic")
+    if args.stage == "sft":
+        given = [flag for flag, value in (("--vision", args.vision), ("--vision-lora", args.vision_lora),
+                                          ("--init-from", args.init_from), ("--eval-image", args.eval_image))
+                 if value]
+        if given:
+            parser.error(f"--stage sft trains the LLM alone on text: {', '.join(given)} does not apply (for images, "
+                         "train --stage finetune with --vision)")
+        if args.llm_mode in ("frozen", "frozen-nf4"):
+            parser.error(f"--stage sft with --llm-mode {args.llm_mode} would train nothing: choose full, lora or qlora")
+    else:
+        if args.vision is None:
+            parser.error(f"--stage {args.stage} needs --vision (a CLIP folder); for text-only training use --stage sft")
+        if args.pack:
+            parser.error("--pack is for --stage sft: samples with images are not packed")
     return args
 
 
@@ -232,7 +255,7 @@ def resolve_args(args, world_size):
     """Fill the stage-dependent defaults and derive accumulation; errors name the numbers at fault."""
     if args.llm_mode is None:
         args.llm_mode = "frozen" if args.stage == "pretrain" else "full"
-    if args.image_mode is None:
+    if args.image_mode is None and args.stage != "sft":  # sft has no images
         args.image_mode = "crop" if args.stage == "pretrain" else "pad"  # XTuner: pad_image_to_square only in finetune
     if args.lr is None:
         args.lr = 1e-3 if args.stage == "pretrain" else (2e-4 if args.llm_mode in ("lora", "qlora") else 2e-5)
@@ -331,22 +354,28 @@ def base_configs(args):
             f" and not a size name ({', '.join(names)})" if getattr(args, "random_init", False) else
             " (give the folder of an HF checkpoint; with --random-init a size name works too)"))
 
-    return (one(args.vision, clip.CLIPConfig, clip.CONFIGS, "--vision"),
+    return (None if args.vision is None else one(args.vision, clip.CLIPConfig, clip.CONFIGS, "--vision"),
             one(args.llm, llama.LlamaConfig, llama.CONFIGS, "--llm"))
 
 
 def model_config(args):
-    """llava.json for this run (model.save_model writes it; model.load_model reads it)."""
+    """llava.json for this run (model.save_model writes it; model.load_model reads it). A text-only run (sft) says
+    "vision": None and "projector": None: its model/ is the LLM's adapter (or full weights) alone."""
     vcfg, lcfg = base_configs(args)
     lora_cfg = lambda r, a, d, t: {"r": r, "alpha": a, "dropout": d, "targets": list(t)}  # noqa: E731
+    llm_lora = lora_cfg(args.lora_r, args.lora_alpha, args.lora_dropout, LLM_LORA_TARGETS) \
+        if args.llm_mode in ("lora", "qlora") else None
+    if vcfg is None:
+        return {"llm": str(args.llm), "vision": None, "projector": None, "template": args.template,
+                "image_tokens": 0, "llm_mode": args.llm_mode, "llm_lora": llm_lora, "vision_lora": None,
+                "dtype": "bfloat16" if args.dtype == "bf16" else "float32"}
     return {
         "llm": str(args.llm), "vision": str(args.vision), "template": args.template,
         "select_layer": args.select_layer, "image_mode": args.image_mode,
         "image_size": vcfg.image_size, "image_tokens": vcfg.num_patches,
         "projector": {"in": vcfg.hidden_size, "hidden": lcfg.hidden_size, "out": lcfg.hidden_size},
         "llm_mode": args.llm_mode,
-        "llm_lora": lora_cfg(args.lora_r, args.lora_alpha, args.lora_dropout, LLM_LORA_TARGETS)
-        if args.llm_mode in ("lora", "qlora") else None,
+        "llm_lora": llm_lora,
         "vision_lora": lora_cfg(args.vision_lora_r, args.vision_lora_alpha, args.vision_lora_dropout,
                                 VISION_LORA_TARGETS) if args.vision_lora else None,
         "dtype": "bfloat16" if args.dtype == "bf16" else "float32",
@@ -371,13 +400,14 @@ def build_llava(args, cfg, device):
     if args.init_from:
         load_projector(m.projector, args.init_from)
     m.llm.activation_checkpointing = args.activation_checkpointing
-    m.vision.activation_checkpointing = args.activation_checkpointing and args.vision_lora  # frozen: no graph at all
+    if m.vision is not None:  # frozen: no graph at all
+        m.vision.activation_checkpointing = args.activation_checkpointing and args.vision_lora
     return m.train()
 
 
 def add_trainable_parts(m, cfg):
-    """Unfreeze what llava.json says trains (on a model whose parameters are all frozen): the projector, the whole
-    LLM (llm_mode full) and the LoRA adapters it lists."""
+    """Unfreeze what llava.json says trains (on a model whose parameters are all frozen): the projector (if any),
+    the whole LLM (llm_mode full) and the LoRA adapters it lists."""
     if cfg["llm_mode"] == "full":
         m.llm.requires_grad_(True)
     if cfg["llm_lora"]:
@@ -386,7 +416,8 @@ def add_trainable_parts(m, cfg):
     if cfg["vision_lora"]:
         c = cfg["vision_lora"]
         lora.inject_lora(m.vision, c["targets"], c["r"], c["alpha"], c["dropout"])
-    m.projector.requires_grad_(True)
+    if m.projector is not None:
+        m.projector.requires_grad_(True)
 
 
 def random_model(cfg, dtype, device, skeleton=False):
@@ -399,6 +430,8 @@ def random_model(cfg, dtype, device, skeleton=False):
     torch.set_default_dtype(dtype)  # parameters are created in the training dtype (RoPE frequencies stay fp32)
     try:
         with torch.device("meta" if skeleton else device):
+            if vcfg is None:  # a text-only run
+                return llava.LLaVA(None, None, llama.Llama(lcfg))
             return llava.LLaVA(clip.CLIPVisionTower(vcfg), llava.Projector(p["in"], p["out"], p["hidden"]),
                                llama.Llama(lcfg), cfg.get("select_layer", -2))
     finally:
@@ -439,6 +472,8 @@ def parameter_table(m):
     two 4-bit values per byte, so their numel is half the logical size)."""
     rows = {}
     for part in ("vision", "projector", "llm"):
+        if getattr(m, part) is None:  # a text-only model
+            continue
         trainable = frozen = 0
         dtypes = set()
         for mod in getattr(m, part).modules():
@@ -545,9 +580,10 @@ def train_step(engine, micro_batches, device):
     for i, b in enumerate(micro_batches):
         # an epoch's last step may hold fewer micro-batches than the accumulation: mark its boundary ourselves
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        pixels = b.get("pixel_values")
+        # packed rows (--pack) also carry each sample's positions and segment numbers (data.collate_packed)
+        pixels, positions, segments = (b.get(k) for k in ("pixel_values", "position_ids", "segment_ids"))
         s, _ = engine(b["input_ids"].to(device), b["labels"].to(device),
-                      None if pixels is None else pixels.to(device))
+                      *(None if t is None else t.to(device) for t in (pixels, positions, segments)))
         engine.backward(s * scale, scale_wrt_gas=False)
         if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
             # ZeRO optimizers report the norm they clip with; without ZeRO, measure the (all-reduced) gradients
@@ -899,7 +935,7 @@ class SyntheticData(torch.utils.data.Dataset):
         self.vocab, self.seed = min(vocab_size, 128000), seed  # Llama-3's 128,000 ordinary ids: no control token
         self.stats = {"records": n, "bad_record": 0, "too_long": 0, "no_supervised": 0, "truncated_at_turn": 0,
                       "truncated_in_answer": 0}
-        self.modality_lengths = np.full(n, length)  # all multimodal, all of one length
+        self.modality_lengths = np.full(n, length if image_tokens else -length)  # one length; negative: text-only
 
     def __len__(self):
         return self.n
@@ -911,26 +947,40 @@ class SyntheticData(torch.utils.data.Dataset):
         input_ids = torch.cat([text[:1], image, text[1:]])  # (length,)
         labels = input_ids.clone()
         labels[: self.length - self.text // 2] = IGNORE_INDEX
-        pixels = torch.randn(1, 3, self.image_size, self.image_size, generator=g)  # already "normalised"
+        # already "normalised"; a text-only run (image_tokens 0) has no image
+        pixels = torch.randn(1, 3, self.image_size, self.image_size, generator=g) if self.image_tokens else None
         return {"id": f"synthetic-{i}", "input_ids": input_ids, "labels": labels, "pixel_values": pixels,
                 "replaced": []}
 
 
 def build_data(args, tok, cfg):
     """The tokenized dataset (bad and over-long records already dropped and counted) and this rank's sampler:
-    shuffled for pretrain, grouped by length for finetune (XTuner's choice per stage)."""
+    shuffled for pretrain, grouped by length for finetune and sft (XTuner's choice per stage); with --pack, rows of
+    packed samples, shuffled."""
     import data
 
+    text_only = cfg["vision"] is None
+    images = {} if text_only else dict(image_tokens=cfg["image_tokens"], image_size=cfg["image_size"],
+                                       image_mode=cfg["image_mode"])
     if args.synthetic:
         vocab = base_configs(args)[1].vocab_size
-        ds = SyntheticData(args.synthetic, args.max_length, cfg["image_tokens"], cfg["image_size"], vocab, args.seed)
+        ds = SyntheticData(args.synthetic, args.max_length, cfg["image_tokens"], cfg.get("image_size", 0), vocab,
+                           args.seed)
     else:
-        ds = data.open_data(args.data, tok, cfg["template"], args.image_folder, image_tokens=cfg["image_tokens"],
-                            image_size=cfg["image_size"], image_mode=cfg["image_mode"], max_length=args.max_length,
-                            progress=rank() == 0, log=log)
+        ds = data.open_data(args.data, tok, cfg["template"], args.image_folder, max_length=args.max_length,
+                            progress=rank() == 0, log=log, **images)
     if len(ds) == 0:
         raise SystemExit(f"no usable sample in {args.data} (see the data report above; python data.py check ...)")
-    if args.stage == "pretrain":
+    with_image = np.flatnonzero(np.asarray(ds.modality_lengths) > 0) if text_only else []
+    if len(with_image):
+        first = ds.record_ids[with_image[0]] if hasattr(ds, "record_ids") else f"sample {with_image[0]}"
+        raise SystemExit(f"--stage sft trains the LLM alone, but {len(with_image):,} of the {len(ds):,} samples in "
+                         f"{args.data} have an image (the first: {first}): remove those records (or their `image` "
+                         f"key), or train them with --stage finetune --vision CLIP_DIR")
+    if args.pack:
+        ds = data.PackedDataset(ds, args.max_length, seed=args.seed)
+        log(ds.summary())
+    if args.stage == "pretrain" or args.pack:  # packs are all about --max-length long: grouping has nothing to do
         sampler = data.ShuffleSampler(len(ds), seed=args.seed, world_size=world(), rank=rank())
     else:
         sampler = data.LengthGroupedSampler(ds.modality_lengths, args.micro_batch * args.accumulation,
@@ -940,10 +990,10 @@ def build_data(args, tok, cfg):
     return ds, sampler
 
 
-def collate_batch(items, image_tokens):
+def collate_batch(items, image_tokens, packed=False):
     import data
 
-    batch = data.collate(items, image_tokens=image_tokens)
+    batch = data.collate_packed(items) if packed else data.collate(items, image_tokens=image_tokens)
     batch["positions"] = sum(len(x["input_ids"]) for x in items)  # real (unpadded) positions, for tok/s
     return batch
 
@@ -953,18 +1003,23 @@ def make_loader(ds, sampler, args, cfg, epoch, start):
     sampler.set_epoch(epoch, start_index=start)
     return torch.utils.data.DataLoader(
         ds, batch_size=args.micro_batch, sampler=sampler, num_workers=args.num_workers,
-        collate_fn=partial(collate_batch, image_tokens=cfg["image_tokens"]), pin_memory=torch.cuda.is_available(),
+        collate_fn=partial(collate_batch, image_tokens=cfg["image_tokens"], packed=args.pack),
+        pin_memory=torch.cuda.is_available(),
         # its own generator: creating the iterator then draws no number from the global RNG, which dropout uses,
         # so a resumed run draws the same dropout masks as an uninterrupted one
         generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
 def data_report(ds, sampler):
+    import data
+
     st = ds.stats
     dropped = st["bad_record"] + st["too_long"] + st["no_supervised"]
-    return (f"{st['records']:,} records -> {len(ds):,} samples | dropped {dropped:,} ({st['bad_record']:,} bad, "
-            f"{st['too_long']:,} too long, {st['no_supervised']:,} with nothing supervised) | truncated "
-            f"{st['truncated_at_turn'] + st['truncated_in_answer']:,} | left out by the sampler per epoch "
+    packed = isinstance(ds, data.PackedDataset)
+    rows = f" in {len(ds):,} packed rows ({ds.fill:.0%} filled)" if packed else ""
+    return (f"{st['records']:,} records -> {len(ds.ds if packed else ds):,} samples{rows} | dropped {dropped:,} "
+            f"({st['bad_record']:,} bad, {st['too_long']:,} too long, {st['no_supervised']:,} with nothing supervised)"
+            f" | truncated {st['truncated_at_turn'] + st['truncated_in_answer']:,} | left out by the sampler per epoch "
             f"{sampler.n_left_out} (samples % processes)")
 
 
@@ -1042,8 +1097,9 @@ def train(args):
             lr = scheduler.get_last_lr()[0]  # the lr this step uses (DeepSpeed steps the scheduler after it)
             loss, gnorm = train_step(engine, micro, device)
             step += 1
-            samples = sum(len(b["input_ids"]) for b in micro)
-            consumed += samples
+            rows = sum(len(b["input_ids"]) for b in micro)
+            consumed += rows  # the sampler's unit: a packed row counts once, whatever it holds
+            samples = sum(len(b["ids"]) for b in micro)  # records trained on (a packed row holds several)
             unreadable.update((r["file"], r["id"]) for b in micro for r in b["replaced"])
             counts = all_reduce_sum(torch.tensor([float(sum(b["positions"] for b in micro)), float(samples)],
                                                  device=device)).tolist()
@@ -1073,6 +1129,9 @@ def train(args):
     log(f"done: {step} steps | {len(unreadable)} records skipped because their image failed to load (the next "
         f"sample was used instead; python data.py check lists them) | "
         + ("nothing saved (--no-save)" if args.no_save else f"model in {out / 'model'}"))
+    if cfg["vision"] is None and not args.no_save:
+        log(f"to write a plain LLM folder (adapter merged, in the base model's layout): python convert.py "
+            f"{out / 'model'} --to llm --out {out / 'merged'}")
     if args.plot and rank() == 0:
         plot(out)
     return {"out": str(out), "losses": losses, "engine": engine, "report": report,
@@ -1086,7 +1145,8 @@ def summary(args, m, report, total, steps_per_epoch):
     for part, (t, f, dts) in parameter_table(m).items():
         lines.append(f"  {part:<9} {t:>15,} / {f:>15,}  {','.join(dts)}")
     lines += [
-        f"stage {args.stage} | llm {args.llm_mode}{' + vision LoRA' if args.vision_lora else ''} | dtype {args.dtype}"
+        f"stage {args.stage}{' (text only)' if args.vision is None else ''}{' | packed' if args.pack else ''}"
+        f" | llm {args.llm_mode}{' + vision LoRA' if args.vision_lora else ''} | dtype {args.dtype}"
         f" | ZeRO-{args.zero}{' + optimizer offload' if args.offload_optimizer else ''}"
         f" | activation checkpointing {'on' if args.activation_checkpointing else 'off'}",
         f"world {world()} x micro-batch {args.micro_batch} x accumulation {args.accumulation} = global batch "

@@ -1,4 +1,5 @@
-"""InternLM2 as a second LLM family: its checkpoint layout, XTuner adapters on it, its chat tokens, packed samples.
+"""InternLM2 as a second LLM family: its checkpoint layout, XTuner adapters on it, its chat tokens, packed samples,
+and its text-only chat fine-tuning end to end (train packed, merge back into its own layout, chat).
 
 References: transformers' LlamaForCausalLM (InternLM2 is this architecture; its logits are the reference), the
 grouped `wqkv` layout as InternLM2's modeling_internlm2.py reads it (re-implemented here by hand, with loops, and
@@ -165,29 +166,21 @@ def test_wrong_wqkv_rows_name_the_key(tmp_path):
         llama.load_llama(tmp_path, dtype=torch.float32)
 
 
-def test_xtuner_adapter_merges(tmp_path):
-    """An XTuner / PEFT adapter on InternLM2's modules (wqkv wo w1 w2 w3 and the `output` head) merged at load equals
-    the base checkpoint with W + alpha/r B A computed in InternLM2's own (packed) layout, run by transformers."""
-    hf = hf_model()
-    base = write_internlm2(tmp_path / "base", hf)
-    r, alpha = 4, 8
+def xtuner_adapter(base, r, alpha, std=0.3):
+    """An XTuner / PEFT adapter on InternLM2's modules (wqkv wo w1 w2 w3 and the `output` head) of checkpoint `base`,
+    and the reference: transformers' Llama run on W + alpha/r B A, computed in InternLM2's own (packed) layout and
+    unpacked by hand. -> (adapter state dict, module names, reference logits of IDS)."""
     g = torch.Generator().manual_seed(3)
     adapter, merged = {}, dict(base)
     modules = [f"model.layers.{i}.{m}" for i in range(2)
                for m in ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")]
     for name in modules + ["output"]:
         w = base[name + ".weight"]
-        a = 0.3 * torch.randn(r, w.shape[1], generator=g)
-        b = 0.3 * torch.randn(w.shape[0], r, generator=g)
+        a = std * torch.randn(r, w.shape[1], generator=g)
+        b = std * torch.randn(w.shape[0], r, generator=g)
         adapter[f"base_model.model.{name}.lora_A.weight"] = a
         adapter[f"base_model.model.{name}.lora_B.weight"] = b
         merged[name + ".weight"] = w + alpha / r * b @ a
-    (tmp_path / "adapter").mkdir()
-    save_file(adapter, tmp_path / "adapter" / "adapter_model.safetensors")
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": alpha,
-         "target_modules": ["wqkv", "wo", "w1", "w2", "w3", "output"]}))
-    # the reference: transformers' Llama with the merged InternLM2 weights, unpacked by hand
     ref = hf_model()
     sd = ref.state_dict()
     with torch.no_grad():
@@ -202,10 +195,29 @@ def test_xtuner_adapter_merges(tmp_path):
                 w = merged[f"model.layers.{i}.feed_forward.{theirs}.weight"]
                 sd[f"model.layers.{i}.mlp.{ours_name}.weight"].copy_(w)
         want = ref(IDS).logits
+    return adapter, sorted(modules + ["output"]), want
+
+
+def write_peft(folder, adapter, r, alpha):
+    folder.mkdir(parents=True)
+    save_file(adapter, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+         "target_modules": ["wqkv", "wo", "w1", "w2", "w3", "output"]}))
+
+
+def test_xtuner_adapter_merges(tmp_path):
+    """An XTuner / PEFT adapter on InternLM2's modules merged at load equals the base checkpoint with W + alpha/r B A
+    computed in InternLM2's own (packed) layout, run by transformers."""
+    hf = hf_model()
+    base = write_internlm2(tmp_path / "base", hf)
+    r, alpha = 4, 8
+    adapter, modules, want = xtuner_adapter(base, r, alpha)
+    write_peft(tmp_path / "adapter", adapter, r, alpha)
     ours = llama.load_llama(tmp_path / "base", dtype=torch.float32)
     assert (logits(ours, IDS) - want).abs().max() > 1e-2  # the adapter matters
     names = llama.merge_internlm2_adapter(ours, tmp_path / "adapter")
-    assert names == sorted(modules + ["output"])
+    assert names == modules
     assert (logits(ours, IDS) - want).abs().max() <= 1e-4
     # an XTuner .pth state dict: "llm." prefix and ".default" in the names
     pth = {"llm." + k.replace(".weight", ".default.weight"): v for k, v in adapter.items()}
@@ -218,6 +230,51 @@ def test_xtuner_adapter_merges(tmp_path):
         adapter["base_model.model.output.lora_B.weight"]}
     with pytest.raises(Exception, match="attention.wz"):
         llama.merge_internlm2_adapter(again, bad, config={"r": r, "lora_alpha": alpha})
+
+
+def test_convert_merges_xtuner_internlm2_adapters(tmp_path, sp_model):
+    """XTuner's LLaVA-InternLM2 outputs, its folder (projector/ + llm_adapter/) and its iter_N.pth (whose LoRA alpha is
+    not stored: XTuner's InternLM2 recipes use 256), read by convert.py with the wqkv adapter merged into the LLM;
+    `--to llm` then writes that LLM as an InternLM2 folder."""
+    import shutil
+
+    import clip
+    import convert
+    import lora
+
+    base = write_internlm2(tmp_path / "base", hf_model())
+    shutil.copy(sp_model, tmp_path / "base" / "tokenizer.model")
+    vcfg = clip.CLIPConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    clip.save_clip(clip.CLIPVisionTower(vcfg), tmp_path / "vision")
+    bases = dict(llm=tmp_path / "base", vision=tmp_path / "vision", template="internlm2_chat")
+    g = torch.Generator().manual_seed(5)
+    projector = {"model.0.weight": torch.randn(C, 32, generator=g), "model.0.bias": torch.randn(C, generator=g),
+                 "model.2.weight": torch.randn(C, C, generator=g), "model.2.bias": torch.randn(C, generator=g)}
+    folder = tmp_path / "xtuner"
+    (folder / "projector").mkdir(parents=True)
+    save_file(projector, folder / "projector" / "model.safetensors")
+    (folder / "projector" / "config.json").write_text(json.dumps({"model_type": "projector"}))
+    r, alpha = 4, 8
+    adapter, _, want = xtuner_adapter(base, r, alpha)
+    write_peft(folder / "llm_adapter", adapter, r, alpha)
+    m, _, cfg = convert.load_any(folder, dtype=torch.float32, **bases)
+    assert cfg["llm_mode"] == "full" and not any(isinstance(x, lora.LoRALinear) for x in m.llm.modules())
+    assert (logits(m.llm, IDS) - want).abs().max() <= 1e-4
+    assert torch.equal(m.projector.linear_2.weight, projector["model.2.weight"])
+    assert convert.main([str(folder), "--llm", str(tmp_path / "base"), "--vision", str(tmp_path / "vision"),
+                         "--to", "llm", "--out", str(tmp_path / "merged"), "--fp32"]) == 0
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "internlm2"
+    assert (logits(llama.load_llama(tmp_path / "merged", dtype=torch.float32), IDS) - want).abs().max() <= 1e-4
+
+    # iter_N.pth: trainable keys only, "llm." / "projector." prefixes, ".default" names, alpha 256 not written
+    adapter, _, want = xtuner_adapter(base, r, 256, std=0.3 * (alpha / 256) ** 0.5)  # updates of the same size
+    state = {"llm." + k.replace(".weight", ".default.weight"): v for k, v in adapter.items()}
+    state.update({"projector." + k: v for k, v in projector.items()})
+    torch.save({"meta": {"epoch": 1}, "state_dict": state}, tmp_path / "iter_1.pth")
+    m, _, _ = convert.load_any(tmp_path / "iter_1.pth", dtype=torch.float32, **bases)
+    assert (logits(m.llm, IDS) - want).abs().max() <= 1e-4
+    m, _, _ = convert.load_any(tmp_path / "iter_1.pth", dtype=torch.float32, lora_alpha=16, **bases)
+    assert (logits(m.llm, IDS) - want).abs().max() > 1e-2  # so the default alpha is what made it right
 
 
 # ---- packing -------------------------------------------------------------------------------------------------
@@ -413,3 +470,138 @@ def test_llava_finetune_recipe_runs_on_an_internlm2_checkpoint(tmp_path, sp_mode
     pixels = clip.preprocess(clip.load_image(tmp_path / "images" / "0.png"), 32)[None]
     out = llava.generate(m, [ids], pixels, max_new_tokens=4, stop_ids=data.stop_token_ids(tok, cfg["template"]))
     assert 1 <= len(out[0]) <= 4 and all(0 <= i < 300 for i in out[0])
+
+
+# ---- text-only SFT: the recipe end to end (train packed, merge, chat) -----------------------------------------
+
+QUESTIONS = ["what is this?", "hello, what is on the mat?", "what color is the cat?", "what sat on the mat?",
+             "say one two three.", "what is the answer?"]
+ANSWER = "the cat sat on the mat."
+
+
+def write_messages(path, n):
+    """OpenAI `messages` records: varied questions, one answer (so a tiny model learns it, and its end, quickly)."""
+    recs = []
+    for i in range(n):
+        messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+                    {"role": "assistant", "content": ANSWER}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "You are helpful."})
+        recs.append({"id": f"m{i}", "messages": messages})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices on a shared CPU: one thread is 10x faster than several that wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sft_qlora_recipe_trains_packed_merges_and_chats(tmp_path, sp_model, one_thread):
+    """recipes/internlm2-sft-qlora.args with a tiny InternLM2-layout LLM (its own chat tokens): text-only QLoRA on
+    OpenAI messages, packed rows; the loss goes down; `convert.py --to llm` writes an InternLM2 folder whose logits,
+    run by transformers after unpacking wqkv by hand, equal the unmerged NF4 + LoRA model's; the checkpoint gives the
+    same folder; chat answers lines from stdin and stops on <|im_end|>."""
+    import io
+    import shutil
+
+    import chat
+    import convert
+    import model as llava
+    import train
+    from test_train import run_inprocess
+
+    base = tmp_path / "internlm2"
+    write_internlm2(base, hf_model())
+    shutil.copy(sp_model, base / "tokenizer.model")
+    (base / "modeling_internlm2.py").write_text("# stands for InternLM2's remote code, copied with the weights\n")
+    msgs = write_messages(tmp_path / "messages.jsonl", 24)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "internlm2-sft-qlora.args"
+    a = train.resolve_args(train.parse_args([f"@{recipe}"]), 1)
+    assert (a.stage, a.vision, a.llm_mode, a.template, a.pack, a.max_length) == (
+        "sft", None, "qlora", "internlm2_chat", True, 1024)
+    assert (a.lora_r, a.lora_alpha, a.lora_dropout, a.micro_batch, a.accumulation, a.lr, a.epochs) == (
+        64, 16, 0.1, 1, 16, 2e-4, 2)
+    # a faster schedule for the tiny model; ZeRO-0 writes mp_rank_00_model_states.pt, the file an XTuner
+    # iter_N.pth folder also has: convert.py must still see our checkpoint below
+    run = tmp_path / "run"
+    result = run_inprocess([f"@{recipe}", "--llm", str(base), "--data", str(msgs), "--max-length", "128",
+                            "--global-batch", "2", "--epochs", "3", "--lr", "1e-2", "--zero", "0", "--out", str(run)])
+    losses = result["losses"]
+    assert "24 samples in" in result["report"] and "packed rows" in result["report"]  # 2 to 4 samples a row
+    assert len(losses) == 21 and sum(losses[-3:]) / 3 < 0.2 * losses[0]  # 13 rows, 2 a step: 7 steps per epoch
+
+    # the stage output: the adapter alone, marked text-only; runs/latest points at it
+    cfg = json.loads((run / "model" / "llava.json").read_text())
+    assert (cfg["vision"], cfg["projector"], cfg["llm_mode"], cfg["llm_lora"]["r"]) == (None, None, "qlora", 64)
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["llava.json", "llm_adapter"]
+    assert (tmp_path / "latest").resolve() == (run / "model").resolve()
+
+    # LLaVA.forward passes the packing on: a packed row's loss is the sum of its samples' losses computed alone
+    m, tok, cfg = llava.load_model(run / "model", dtype=torch.float32)
+    assert m.vision is None and m.projector is None and m.llm.cfg.layout == "internlm2"
+    ds = data.LLaVADataset(msgs, None, tok, "internlm2_chat", max_length=128, log=lambda msg: None)
+    packed = data.PackedDataset(ds, 128, seed=0)
+    b = data.collate_packed([packed[0]])
+    with torch.no_grad():
+        row, n_row = m(b["input_ids"], b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"])
+        alone = [m(*(t[None] for t in ds.tokens(j))) for j in packed.packs[0]]
+    assert len(alone) > 1 and int(n_row) == sum(int(n) for _, n in alone)
+    assert abs(row - sum(s for s, _ in alone)) <= 1e-4 * row
+
+    # merge: an InternLM2 folder again (packed wqkv, its remote code, its tokenizer)
+    assert convert.main([str(run / "model"), "--to", "llm", "--out", str(tmp_path / "merged"), "--fp32",
+                         "--verify"]) == 0
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert sorted(merged) == sorted(load_file(base / "model.safetensors"))
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["model_type"] == "internlm2" and config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_")
+    assert all((tmp_path / "merged" / f).exists() for f in ("modeling_internlm2.py", "tokenizer.model"))
+    # ... whose logits, run by transformers on wqkv unpacked by hand, are the unmerged NF4 + LoRA model's
+    ref = hf_model()
+    sd = ref.state_dict()
+    with torch.no_grad():
+        sd["model.embed_tokens.weight"].copy_(merged["model.tok_embeddings.weight"])
+        sd["lm_head.weight"].copy_(merged["output.weight"])
+        sd["model.norm.weight"].copy_(merged["model.norm.weight"])
+        for i in range(2):
+            L = f"model.layers.{i}."
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), unpack_by_hand(merged[L + "attention.wqkv.weight"])):
+                sd[L + "self_attn." + name + ".weight"].copy_(t)
+            for ours_name, theirs in (("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+                                      ("mlp.down_proj", "feed_forward.w2"), ("mlp.up_proj", "feed_forward.w3"),
+                                      ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm")):
+                sd[L + ours_name + ".weight"].copy_(merged[L + theirs + ".weight"])
+        want = ref(IDS).logits
+    got = logits(m.llm, IDS)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (got - hf_model()(IDS).logits).abs().max() > 1e-2  # the adapter (and NF4) changed the model
+    # the last checkpoint (train.py export, then the same merge) gives the same folder
+    step = run / "checkpoints" / "step_21"
+    assert (step / "mp_rank_00_model_states.pt").exists()
+    assert convert.main([str(step), "--to", "llm", "--out", str(tmp_path / "merged2"), "--fp32"]) == 0
+    again = load_file(tmp_path / "merged2" / "model.safetensors")
+    assert all(torch.equal(again[k], merged[k]) for k in merged)
+
+    # chat: over the merged folder (a plain LLM: the template is named) and over the run (its template)
+    def talk(*argv):
+        out = io.StringIO()
+        code = chat.main([*argv, "--temperature", "0", "--max-new-tokens", "24", "--stats"],
+                         stdin=io.StringIO("what is this?\nwhat color is the cat?\nEXIT\nnever read\n"), out=out)
+        return code, out.getvalue()
+
+    assert talk("--model", str(tmp_path / "merged"))[0] == 2  # which template? it must be said
+    code, text = talk("--model", str(tmp_path / "merged"), "--template", "internlm2_chat")
+    answers = [ln for ln in text.splitlines() if ln and not ln.startswith("[")]
+    counts = [int(ln.split(" | ")[2].split()[0]) for ln in text.splitlines() if ln.startswith("[prefill")]
+    assert code == 0 and len(answers) == len(counts) == 2 and "<|im_end|>" not in text, text
+    words = lambda t: set(t.replace(".", " ").split())  # noqa: E731
+    assert all(a and words(a) <= words(ANSWER) for a in answers), text  # learnt words, spaced as text
+    assert all(c < 24 for c in counts), text  # each answer stopped on <|im_end|>, not at the limit
+    code, unmerged = talk("--model", str(run))  # the run folder: NF4 + LoRA, its own template
+    assert code == 0 and [ln for ln in unmerged.splitlines() if ln and not ln.startswith("[")] == answers
+    assert talk("--model", str(run), "--template", "llama3_chat")[0] == 2  # not the run's template
