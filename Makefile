@@ -21,5 +21,17 @@ $(VENV)/.installed: requirements.txt requirements-test.txt constraints-cpu.txt
 test: install
 	$(PY) -m pytest
 
+# The demo: generated pictures, tiny random models with the real Llama-3 tokenizer, both training stages, an
+# MMBench-format eval on held-out pictures (mmbench_result.json), and one chat answer. CPU, a few minutes.
+demo: install
+	rm -rf $(DEMO) demo_data
+	$(PY) demo.py data demo_data
+	$(PY) demo.py models demo_data/models
+	$(PY) train.py @recipes/demo-pretrain.args
+	$(PY) train.py @recipes/demo-finetune.args
+	$(PY) eval_mmbench.py --model $(DEMO)/finetune/model --data demo_data/eval.tsv --out $(DEMO)/eval --batch-size 16
+	$(PY) chat.py --model $(DEMO)/finetune/model --image demo_data/images/finetune/000000.png --temperature 0 \
+		--max-new-tokens 40 --prompt "What colour is the shape?"
+
 clean:
 	rm -rf runs demo_data .pytest_cache
