@@ -689,6 +689,16 @@ def find_checkpoint(resume, out):
     return None
 
 
+def check_trainable(state, params, trainable, where, hint):
+    """Stop unless `state` holds every trainable weight with the shape the model has (names them if not)."""
+    missing = [n for n in trainable if n not in state]
+    wrong = [f"{n} {tuple(state[n].shape)} vs {tuple(params[n].shape)}" for n in trainable
+             if n in state and state[n].shape != params[n].shape]
+    if missing or wrong:
+        raise SystemExit(f"{where} does not hold this run's trainable weights ({hint}): missing {missing[:10]} "
+                         f"({len(missing)} in all), wrong shapes {wrong[:10]}")
+
+
 def load_checkpoint(engine, folder, tag):
     """Restore weights, optimizer, scheduler (DeepSpeed) and our state. Only trainable weights were saved, so we load
     them ourselves and check that every one of them was in the file (DeepSpeed's strict load would fail on the
@@ -704,13 +714,8 @@ def load_checkpoint(engine, folder, tag):
         if engine.zero_optimization_stage() == 3:
             return  # ZeRO-3 saves placeholders here and restores the weights from its optimizer shards
         params = dict(dst.named_parameters())
-        missing = [n for n in trainable if n not in src]
-        wrong = [f"{n} {tuple(src[n].shape)} vs {tuple(params[n].shape)}" for n in trainable
-                 if n in src and src[n].shape != params[n].shape]
-        if missing or wrong:
-            raise SystemExit(f"checkpoint {folder / tag} does not hold this run's trainable weights (was it written "
-                             f"with other --llm-mode / LoRA flags?): missing {missing[:10]} ({len(missing)} in all), "
-                             f"wrong shapes {wrong[:10]}")
+        check_trainable(src, params, trainable, f"checkpoint {folder / tag}",
+                        "was it written with other --llm-mode / LoRA flags?")
         with torch.no_grad():
             for n in trainable:
                 params[n].copy_(src[n])
@@ -793,13 +798,7 @@ def export_checkpoint(checkpoint, out=None):
     every = dict(m.named_parameters(remove_duplicate=False))  # tied weights appear under both names
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     sd = read_trainable(folder)
-    missing = [n for n in trainable if n not in sd]
-    wrong = [f"{n} {tuple(sd[n].shape)} vs {tuple(every[n].shape)}" for n in trainable
-             if n in sd and sd[n].shape != every[n].shape]
-    if missing or wrong:
-        raise SystemExit(f"{folder} does not hold every trainable weight of the run it names (written by another "
-                         f"version of train.py?): missing {missing[:10]} ({len(missing)} in all), wrong shapes "
-                         f"{wrong[:10]}")
+    check_trainable(sd, every, trainable, str(folder), "written by another version of train.py?")
     dtype = llava.DTYPES[cfg["dtype"]]  # what the stage output of the run itself holds
     # only the trainable tensors are assigned (the frozen base stays on the meta device: save_model never writes it)
     m.load_state_dict({n: sd[n].to(dtype) for n in trainable}, strict=False, assign=True)
