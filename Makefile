@@ -30,8 +30,8 @@ demo: install
 	$(PY) train.py @recipes/demo-pretrain.args
 	$(PY) train.py @recipes/demo-finetune.args
 	$(PY) eval_mmbench.py --model $(DEMO)/finetune/model --data demo_data/eval.tsv --out $(DEMO)/eval --batch-size 16
-	$(PY) chat.py --model $(DEMO)/finetune/model --image demo_data/images/finetune/000000.png --temperature 0 \
-		--max-new-tokens 40 --prompt "What colour is the shape?"
+	$(PY) chat.py --model $(DEMO)/finetune/model --image demo_data/example.png --temperature 0 \
+		--max-new-tokens 40 --prompt "What colour are the shapes?" --prompt "How many shapes are there?"
 
 clean:
 	rm -rf runs demo_data .pytest_cache

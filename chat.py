@@ -46,8 +46,11 @@ class Conversation:
             if self.device.type != "cuda":
                 print("(--compile is for GPUs; running eager on CPU)", file=out)
             else:
-                # fused blocks (prefill and decode), the decode step replayed from a CUDA graph, and tokens brought
-                # to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
+                # q/k/v and gate/up each read as one matrix (an adapter run keeps its LoRA / NF4 layers apart),
+                # compiled blocks (prefill and decode), the decode step replayed from a CUDA graph, and tokens
+                # brought to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
+                if not model.llm.unfusable_projections():
+                    model.llm.fuse_projections()
                 model.llm.compile_blocks()
                 self.step_fn, self.sync_every = GraphedDecodeStep(), 4
         self.image = None
@@ -181,8 +184,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="GPU: compile the decoder blocks and replay each decode step from a CUDA graph "
-                        "(the first answer waits for the compilation)")
+                   help="GPU: fuse the q/k/v and gate/up projections (not with LoRA / NF4 layers), compile the "
+                        "decoder blocks and replay each decode step from a CUDA graph (the first answer waits for "
+                        "the compilation)")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer these messages (repeatable) and exit, instead of reading stdin")

@@ -572,8 +572,13 @@ def answer_questions(questions, generate_fn, out_dir, batch_size=8, rank=0, worl
 
 def load_generator(model_dir, device, dtype, max_new_tokens=100):
     """Load a model (any layout model.load_model reads) and return (generate_fn, cfg) for answer_questions."""
+    import torch
     import model as llava
     net, tok, cfg = llava.load_model(model_dir, dtype=dtype, device=device)
+    if torch.device(device).type == "cuda" and not net.llm.unfusable_projections():
+        # the model is only answered with: q/k/v and gate/up each read as one matrix (bench/chat_bench.py); an
+        # adapter run keeps its LoRA / NF4 layers apart
+        net.llm.fuse_projections()
     return make_generator(net, tok, cfg, device, dtype, max_new_tokens), cfg
 
 

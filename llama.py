@@ -8,6 +8,9 @@
   Llama-3.1's "llama3" frequency scaling is supported. SwiGLU MLP (Shazeer 2020, arXiv:2002.05202).
 - Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245) through F.scaled_dot_product_attention, with a
   preallocated static-shape KV cache (the gpt-fast design) so that a decode step can be torch.compile'd.
+- Inference only, two switches for decode speed: `Llama.fuse_projections()` stacks q/k/v and gate/up into one matrix
+  each (gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`), and `Llama.use_gqa_decode()` attends a one-token step
+  by grouped GEMVs instead of SDPA (`gqa_decode_attention`). Neither changes a parameter name of the unfused model.
 
 Module names follow HF's `LlamaForCausalLM` (minus its `model.` prefix) so that LoRA targets and PEFT adapter keys
 match. References: transformers/models/llama/modeling_llama.py and modeling_rope_utils.py (the numerics we match),
@@ -181,6 +184,31 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def gqa_decode_attention(q, k, v, mask):
+    """Attention of a one-token decode step, q (B, H, 1, D), over the cache k, v (B, Hkv, S, D); mask (B|1, 1, 1, S)
+    bool. The G = H / Hkv query heads that share a K/V head are stacked as the rows of one small matrix, so the step
+    is two batched GEMVs that read each cached K/V head once: (B, Hkv, G, D) @ (B, Hkv, D, S) -> (B, Hkv, G, S),
+    softmax, @ (B, Hkv, S, D). SDPA with an explicit mask and enable_gqa may instead take the math kernel on a GPU,
+    which first copies K and V G times (bench/chat_bench.py compares the two)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    # query head h = g * G + j is served by K/V head g, the pairing of SDPA's enable_gqa and HF's repeat_kv
+    q = q.reshape(B, Hkv, H // Hkv, D)                                 # (B, Hkv, G, D)
+    scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5             # (B, Hkv, G, S)
+    # the softmax in fp32, as HF's eager attention; every row sees at least its own slot, so none is all -inf
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return (probs @ v).reshape(B, H, 1, D)                             # (B, H, 1, D)
+
+
+def stack_linears(*linears):
+    """One bias-free nn.Linear whose output is the outputs of `linears` side by side: their weights stacked by rows
+    (a new tensor; the caller drops the old layers, so the memory is not doubled). Inference only: frozen."""
+    w = torch.cat([m.weight.detach() for m in linears])  # (sum of out_features, in_features)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -190,21 +218,37 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, cfg.num_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(C, cfg.num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * D, C, bias=False)
-        self.cache = None  # a KVCache after Llama.setup_cache
+        self.qkv_proj = None     # q_proj, k_proj, v_proj stacked into one layer by fuse_projections (inference)
+        self.gqa_decode = False  # Llama.use_gqa_decode: a decode step attends through gqa_decode_attention
+        self.cache = None        # a KVCache after Llama.setup_cache
+
+    def fuse_projections(self):
+        self.qkv_proj = stack_linears(self.q_proj, self.k_proj, self.v_proj)  # (H + 2 Hkv) D rows: [q | k | v]
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one GEMM (in decode, one GEMV reading one larger matrix) instead of three, cut at the q | k | v rows
+            q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole cache, masked below
-        # GQA: each group of H / Hkv query heads shares one K/V head. enable_gqa broadcasts the shared heads inside
-        # the kernel (flash / cuDNN on GPU) instead of materialising repeated K/V: on an H100 (8B shapes, bf16) it
-        # was faster in every case measured, e.g. a batch-8 decode step over 2048 slots 0.08 ms vs 0.40 ms
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        # a decode step (Llama.forward always masks it); the flag is read last, so that compiled prefill graphs
+        # do not depend on it (dynamo guards only on what it reads)
+        if T == 1 and cache_pos is not None and self.gqa_decode:
+            y = gqa_decode_attention(q, k, v, mask)  # (B, H, 1, D)
+        else:
+            # GQA: each group of H / Hkv query heads shares one K/V head. enable_gqa broadcasts the shared heads
+            # inside the kernel (flash / cuDNN on GPU) instead of materialising repeated K/V: on an H100 (8B shapes,
+            # bf16) it was faster in every case measured, e.g. a batch-8 decode step over 2048 slots 0.08 vs 0.40 ms
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=Hkv != H)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -214,9 +258,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # gate_proj and up_proj stacked into one layer by fuse_projections (inference)
+
+    def fuse_projections(self):
+        self.gate_up_proj = stack_linears(self.gate_proj, self.up_proj)  # 2 x intermediate rows: [gate | up]
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:  # one GEMM instead of two, cut into its [gate | up] halves
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -250,6 +303,7 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False  # or True (every block), or an int k: the first k blocks
+        self.fused = False  # True after fuse_projections: an inference-only layout, neither saved nor trained
         self.init_rope()
 
     def compile_blocks(self, **compile_kwargs):
@@ -264,6 +318,52 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.compile(**compile_kwargs)
         return self
+
+    def fuse_projections(self):
+        """Inference only: in every block, stack q_proj, k_proj, v_proj into one `qkv_proj` and gate_proj, up_proj
+        into one `gate_up_proj`, in place; returns self. Same outputs (each output row is the same dot product).
+
+        Batch-1 decode reads every weight once per token, so its speed is the GEMVs' memory bandwidth, and a small
+        GEMV streams worse than a large one (on an H100, the 1024-row k_proj / v_proj GEMVs reached 1.4 TB/s against
+        2.7 TB/s for the rest: BENCHMARKS.md). Two GEMVs per block instead of five, and fewer kernel launches.
+        The old weights are freed. Parameter names change (no checkpoint has these keys), so a fused model is not
+        for saving (save_llama refuses it) or training (train() refuses it): load the model again for that.
+        LoRA and NF4 layers cannot be stacked (see unfusable_projections); merge them first (lora.merge_lora).
+        Compiled blocks retrace by themselves (dynamo guards on the layers); a CUDA graph captured before fusing
+        would replay on the freed weights, so capture after it (a new model.GraphedDecodeStep)."""
+        if self.fused:
+            return self
+        blocked = self.unfusable_projections()
+        if blocked:
+            raise ValueError(f"fuse_projections: {len(blocked)} projections are not plain bias-free nn.Linear layers "
+                             f"(e.g. {', '.join(blocked[:3])}); a LoRA adapter or an NF4 weight belongs to its own "
+                             "matrix and cannot be stacked. Merge the adapters into the weights first "
+                             "(lora.merge_lora, which also dequantizes NF4), or leave the projections unfused")
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        self.fused = True
+        return self
+
+    def unfusable_projections(self):
+        """The q/k/v and gate/up projections fuse_projections cannot stack, as "name (type)": anything but a plain
+        bias-free nn.Linear, i.e. LoRA layers and NF4-quantized ones (lora.LoRALinear). Empty: fusion can go ahead."""
+        return [f"{name} ({type(m).__name__})" for name, m in self.named_modules()
+                if name.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+                and (type(m) is not nn.Linear or m.bias is not None)]
+
+    def use_gqa_decode(self, on=True):
+        """Decode steps (one token per row, with the KV cache) attend through gqa_decode_attention instead of SDPA;
+        prefill and training are unchanged. Returns self."""
+        for layer in self.layers:
+            layer.self_attn.gqa_decode = on
+        return self
+
+    def train(self, mode=True):
+        if mode and self.fused:
+            raise RuntimeError("this Llama's projections were fused for inference (fuse_projections): it cannot "
+                               "train; load the model again to train it")
+        return super().train(mode)
 
     def init_rope(self, device=None):
         """(Re)compute the RoPE frequencies; needed after building on the meta device."""
@@ -373,6 +473,9 @@ def load_llama(path, dtype=torch.bfloat16, device="cpu"):
 def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_000):
     """Write `model` as an HF LlamaForCausalLM folder (config.json + safetensors) that transformers loads, or as an
     InternLM2ForCausalLM folder when it was read from one (cfg.layout == "internlm2")."""
+    if model.fused:
+        raise ValueError("save_llama: this model's projections were fused for inference (Llama.fuse_projections), "
+                         "a layout no checkpoint has; save the model before fusing it, or load it again")
     internlm2 = model.cfg.layout == "internlm2"
     to_hf = weights.invert_table(INTERNLM2_KEYS if internlm2 else HF_KEYS)
     state = {}

@@ -161,7 +161,8 @@ class GraphedDecodeStep:
     tok/s eager, 100 tok/s replayed; bench/chat_bench.py). After `llm.compile_blocks()` the graph replays the
     compiled blocks, whose fused kernels are fewer still. The graph is captured on the first call and again
     whenever the KV cache was rebuilt (another batch or length): it reads and writes the cache buffers it was
-    captured on, and its inputs are copied into its own static tensors before each replay."""
+    captured on, and its inputs are copied into its own static tensors before each replay. It also reads the
+    weights it was captured on: after `llm.fuse_projections()`, use a new GraphedDecodeStep."""
 
     def __init__(self):
         self.graph, self.key = None, None
@@ -289,6 +290,9 @@ def save_model(model, folder, cfg):
 
     cfg (llava.json) names the base LLM and vision folders, template, select layer, image mode and size, projector
     sizes, the LLM mode (frozen | frozen-nf4 | full | lora | qlora) with its LoRA settings, and the vision LoRA."""
+    if model.llm.fused:
+        raise ValueError("save_model: the LLM's projections were fused for inference (Llama.fuse_projections); "
+                         "save the model before fusing it")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if model.projector is not None:  # a text-only model (cfg "vision": None) has none

@@ -4,6 +4,8 @@ question, left-padded batches of 16 and 32, 8 new tokens each: an MMBench answer
 
     python bench/chat_bench.py --side ours      # model.generate: eager decode steps, and CUDA-graph replayed steps
     python bench/chat_bench.py --side hf        # LlavaForConditionalGeneration.generate (dynamic cache, eager)
+    python bench/chat_bench.py --side ours --variants compiled_sync8,compiled_fused_sync8,compiled_fused_gqa_sync8 \
+        --profile                               # round 3: fused projections, GQA decode attention, kernel tables
 
 Random weights never emit a stop token by design here: ours gets no stop ids and HF gets min_new_tokens, so every
 run generates exactly the requested number of tokens. TTFT = from the generate call to the first new token on the
@@ -26,11 +28,36 @@ def extra_args(p):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--eval-batches", default="16,32")
     p.add_argument("--eval-new-tokens", type=int, default=8)
-    p.add_argument("--profile", action="store_true", help="profile 16 decode steps of each variant")
+    p.add_argument("--profile", nargs="?", const="all", default="",
+                   help="ours: after a variant's timings, time 16 decode steps and print their top kernels per step "
+                        "(comma-separated variants; a bare --profile: every variant)")
     p.add_argument("--variants", default="eager,cuda_graph,cuda_graph_sync8,compiled_sync8",
-                   help="ours, in this order (compiled_* compile the blocks for good, so they come last): eager; "
-                        "cuda_graph (GraphedDecodeStep); *_sync8 (generate(sync_every=8)); compiled_sync8 "
-                        "(Llama.compile_blocks + CLIP compile_layers + GraphedDecodeStep + sync_every=8)")
+                   help="ours, run in this order on one model; a name is words joined by _: eager (no graph) or "
+                        "cuda_graph (GraphedDecodeStep) or compiled (Llama.compile_blocks + CLIP compile_layers, "
+                        "and GraphedDecodeStep), then optionally fused (Llama.fuse_projections), gqa "
+                        "(Llama.use_gqa_decode), sync8 (generate(sync_every=8)). Compiling and fusing last for good, "
+                        "so variants without them come first, e.g. compiled_sync8,compiled_fused_sync8,"
+                        "compiled_fused_gqa_sync8")
+
+
+VARIANT_WORDS = {"eager", "cuda", "graph", "compiled", "fused", "gqa", "sync8"}
+
+
+def parse_variants(text):
+    """'cuda_graph_sync8,compiled_fused_gqa_sync8' -> [(name, what it turns on)], checked for order."""
+    out = []
+    for name in text.split(","):
+        words = name.split("_")
+        if not set(words) <= VARIANT_WORDS:
+            raise SystemExit(f"--variants: {name!r} has words outside {sorted(VARIANT_WORDS)}")
+        v = dict(graph=words[0] != "eager", compiled="compiled" in words, fused="fused" in words, gqa="gqa" in words,
+                 sync_every=8 if "sync8" in words else 1)
+        for key in ("compiled", "fused"):  # these change the model for good: all variants after one have them too
+            if not v[key] and any(w[key] for _, w in out):
+                raise SystemExit(f"--variants: {name} follows a {key} variant, and {key} cannot be undone on the "
+                                 f"same model: put the variants without {key} first")
+        out.append((name, v))
+    return out
 
 
 def prompts(P, n_text, lengths, image_id, vocab, seed=0):
@@ -62,7 +89,55 @@ class Clock:
 # ---- ours --------------------------------------------------------------------------------------------------------
 
 
+def profile_decode(args, net, step_fn, prompt_len, label, n=16, rows=25):
+    """Time n decode steps back to back on the cache the last generate call left (its graph, if any, is reused),
+    then run them again under torch.profiler and print the kernels that took the most GPU time, per step (on the
+    CPU, --tiny: the ops' own CPU time). Sampling is not in it: only the step_fn, as generate calls it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    llm, dev = net.llm, args.device
+    token = torch.zeros(1, dtype=torch.long, device=dev)
+    pos = torch.full((1,), prompt_len, dtype=torch.long, device=dev)
+    key_valid = torch.zeros(1, M.cache_size(llm), dtype=torch.bool, device=dev)
+    key_valid[:, :prompt_len + 1] = True
+    step = step_fn or M.decode_step
+    with torch.no_grad():
+        step(llm, token, pos, pos, key_valid)  # the slot after the prompt; shapes as in generate, so no new capture
+        t = C.now(dev)
+        for _ in range(n):
+            step(llm, token, pos, pos, key_valid)
+        ms = (C.now(dev) - t) / n * 1e3
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with profile(activities=acts) as p:
+            for _ in range(n):
+                step(llm, token, pos, pos, key_valid)
+            C.sync(dev)
+    if dev == "cuda":
+        found = [(e.key, e.count, e.device_time_total) for e in p.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        found = [(e.key, e.count, e.self_cpu_time_total) for e in p.key_averages()]
+    found.sort(key=lambda r: -r[2])
+    total = sum(us for _, _, us in found) or 1
+    what = "kernels" if dev == "cuda" else "CPU ops"
+    print(f"\n==== decode profile: {label}: {ms:.3f} ms per step unprofiled ({n} steps back to back); {what} "
+          f"{total / n / 1e3:.3f} ms per step in {sum(c for _, c, _ in found) / n:.0f} calls ====")
+    print(f"{'us/step':>9} {'share':>6} {'calls/step':>10}  {what[:-1]}")
+    for key, count, us in found[:rows]:
+        print(f"{us / n:9.1f} {us / total:6.1%} {count / n:10.1f}  {key[:110]}")
+    sys.stdout.flush()
+
+
 def run_ours(args, P, vcfg, lcfg):
+    variants = parse_variants(args.variants)
+    names = [name for name, _ in variants]
+    profiled = set(names) if args.profile == "all" else set(filter(None, args.profile.split(",")))
+    if profiled - set(names):
+        raise SystemExit(f"--profile {args.profile}: {sorted(profiled - set(names))} not in --variants")
+    # the 32 blocks share the graphs compiled for Block.forward, and each variant that changes the blocks (fused,
+    # gqa) and each eval shape adds some (9 in all for compiled_sync8,compiled_fused_sync8,compiled_fused_gqa_sync8):
+    # past dynamo's default limit of 8, a new one would silently run eager
+    torch._dynamo.config.recompile_limit = 64
     net = C.build_ours(args.tiny, args.device).eval()
     chat = prompts(P, 35, [35], -200, lcfg.vocab_size)
     px = C.pixels(1, vcfg.image_size, args.device)
@@ -75,13 +150,17 @@ def run_ours(args, P, vcfg, lcfg):
         return clock
 
     graphs = args.device == "cuda"  # CUDA graphs need a GPU; on the CPU (--tiny) every variant steps eagerly
-    names = args.variants.split(",")
-    for name in names:
-        if name.startswith("compiled"):
+    compiled = False
+    for name, v in variants:
+        if v["fused"] and not net.llm.fused:
+            net.llm.fuse_projections()  # compiled blocks recompile for the new layers (dynamo guards on them)
+        if v["compiled"] and not compiled:
             net.llm.compile_blocks()
             net.vision.compile_layers()
-        step_fn = M.GraphedDecodeStep() if name != "eager" and graphs else None
-        sync_every = 8 if name.endswith("sync8") else 1
+            compiled = True
+        net.llm.use_gqa_decode(v["gqa"])
+        step_fn = M.GraphedDecodeStep() if v["graph"] and graphs else None  # captured anew on the model as it is now
+        sync_every = v["sync_every"]
         t = time.perf_counter()
         gen(chat, px, 8, step_fn, sync_every)  # warm-up: kernels chosen (compiled), graph captured for this cache
         warm_s = time.perf_counter() - t
@@ -91,15 +170,14 @@ def run_ours(args, P, vcfg, lcfg):
                decode_tok_s=round(clock.decode_rate(), 2), new_tokens=len(clock.times), sync_every=sync_every,
                warmup_s=round(warm_s, 1), prompt_positions=len(chat[0]), peak_gb=round(C.peak_gb(args.device), 2),
                versions=C.versions())
-        if args.profile:
-            C.profile(lambda: gen(chat, px, 17, step_fn, sync_every), args.device,
-                      f"ours generate 1 image, 17 tokens, {name}")
-    name = names[-1]
-    sync_every = 8 if name.endswith("sync8") else 1
+        if name in profiled:
+            profile_decode(args, net, step_fn, len(chat[0]), f"ours, batch 1, {name}")
+    name, v = variants[-1]
+    sync_every = v["sync_every"]
     for B in (int(b) for b in args.eval_batches.split(",")):
         qs = prompts(P, 0, [60 + (i * 37) % 41 for i in range(B)], -200, lcfg.vocab_size, seed=B)
         pix = C.pixels(B, vcfg.image_size, args.device, seed=B)
-        graph_step = M.GraphedDecodeStep() if name != "eager" and graphs else None  # its own graph for this batch's cache
+        graph_step = M.GraphedDecodeStep() if v["graph"] and graphs else None  # its own graph for this batch's cache
         gen(qs, pix, args.eval_new_tokens, graph_step, sync_every)  # warm-up
         t = C.now(args.device)
         gen(qs, pix, args.eval_new_tokens, graph_step, sync_every)

@@ -41,6 +41,9 @@ JOBS = [
     ("pretrain_compiled/ours", "train_bench.py", "--side ours --workload pretrain --compile --profile", 190),
     ("chat2/ours", "chat_bench.py", "--side ours --variants cuda_graph,cuda_graph_sync8,compiled_sync8", 220),
     ("pretrain_long_compiled/ours", "train_bench.py", "--side ours --workload pretrain_long --compile", 150),
+    # round 3: decode with fused q/k/v and gate/up GEMVs, and GQA decode attention without SDPA; kernel tables
+    ("chat3/ours", "chat_bench.py",
+     "--side ours --variants compiled_sync8,compiled_fused_sync8,compiled_fused_gqa_sync8 --profile", 300),
 ]
 
 GOALS = {  # what BENCHMARKS.md checks; ratio = ours / HF
@@ -92,7 +95,7 @@ def summarize(results):
     nan = float("nan")
 
     def row(label, ours, hf, r=""):
-        out.append(f"{label:30s} {ours:>28s} {hf:>28s} {r:>8s}")
+        out.append(f"{label:40s} {ours:>28s} {hf:>28s} {r:>8s}")
 
     def speed(r):
         return f"{r['samples_s']:.2f} smp/s {r['tokens_s']:.0f} tok/s" if r else "-"

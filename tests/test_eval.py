@@ -381,7 +381,8 @@ def test_two_ranks_shard_and_merge(dev_tsv, tmp_path):
         port = sock.getsockname()[1]
     out = tmp_path / "out"
     argv = ["--data", str(dev_tsv), "--model", str(tmp_path / "model"), "--out", str(out), "--batch-size", "2"]
-    ctx = multiprocessing.get_context("fork")  # fork: the children inherit the imports (spawn re-imports torch)
+    # spawn, not fork: a fork would inherit the process group an in-process training test may have left here
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, argv, str(tmp_path / "r.json"))) for r in (0, 1)]
     for p in procs:
         p.start()

@@ -1,5 +1,8 @@
 """llama.py against transformers' LlamaForCausalLM (the reference), and the KV cache against the full forward."""
+import copy
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -340,3 +343,116 @@ def test_checkpoint_reader_reads_like_safetensors(tmp_path):
     cut = weights.CheckpointReader(tmp_path / "y.safetensors")
     with pytest.raises(weights.CheckpointError, match="truncated"):
         cut.get(last)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference switches: fused projections, GQA decode attention
+
+
+def cached_decode_logits(m, ids=IDS[:, :16], pad=5, n_prefill=10):
+    """Logits (B, T, V) of a prefill of n_prefill tokens, then one-token decode steps from the cache; row 1 is
+    left-padded by `pad` slots (masked by key_valid, positions counted from its first real token)."""
+    B, T = ids.shape
+    key_valid = torch.ones(B, T, dtype=torch.bool)
+    key_valid[1, :pad] = False
+    positions = (torch.arange(T)[None] - torch.tensor([[0], [pad]])).clamp(min=0)
+    m.setup_cache(batch=B, max_len=T)
+    out = [our_logits(m, ids[:, :n_prefill], cache_pos=torch.arange(n_prefill), positions=positions[:, :n_prefill],
+                      key_valid=key_valid)]
+    out += [our_logits(m, ids[:, t:t + 1], cache_pos=torch.tensor([t]), positions=positions[:, t:t + 1],
+                       key_valid=key_valid) for t in range(n_prefill, T)]
+    m.free_cache()
+    return torch.cat(out, 1)
+
+
+def test_fused_projections_equal_unfused_in_prefill_and_cached_decode(model):
+    """fuse_projections: one qkv_proj and one gate_up_proj per block give the unfused logits (fp32; GQA, 4 query
+    heads over 2 K/V heads) in a full forward and in a left-padded prefill + decode from the cache. The separate
+    weights are gone, freed rather than kept beside the stacked copy."""
+    fused = copy.deepcopy(model)
+    old = weakref.ref(fused.layers[0].self_attn.k_proj.weight)
+    fused.fuse_projections()
+    gc.collect()
+    assert old() is None
+    names = [n for n, _ in fused.named_parameters()]
+    assert "layers.1.self_attn.qkv_proj.weight" in names and "layers.1.mlp.gate_up_proj.weight" in names
+    assert not [n for n in names if n.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(our_logits(fused, IDS), our_logits(model, IDS), atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached_decode_logits(fused), cached_decode_logits(model), atol=1e-6, rtol=0)
+
+
+def test_gqa_decode_attention_equals_sdpa_with_padding():
+    """gqa_decode_attention against SDPA with enable_gqa, over a cache with left-padded rows and unwritten slots;
+    a row that sees one slot only returns that slot's value, through the K/V head of its query head's group."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D = 3, 8, 2, 12, 16
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    key_valid = torch.ones(B, S, dtype=torch.bool)
+    key_valid[1, :4] = False  # left padding
+    key_valid[2, :9] = False  # row 2's only token so far is the one decoded in slot 9
+    mask = llama.attention_mask(torch.tensor([9]), key_valid, S)  # (B, 1, 1, S); slots 10, 11 are not written yet
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = llama.gqa_decode_attention(q, k, v, mask)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[2, :, 0], v[2, :, 9].repeat_interleave(H // Hkv, dim=0), atol=1e-6, rtol=0)
+
+
+def test_gqa_decode_in_the_model_equals_sdpa(model, monkeypatch):
+    calls = []
+    real = llama.gqa_decode_attention
+    monkeypatch.setattr(llama, "gqa_decode_attention", lambda *a: calls.append(1) or real(*a))
+    want = cached_decode_logits(model)
+    assert not calls  # off by default
+    for m in (copy.deepcopy(model).use_gqa_decode(), copy.deepcopy(model).fuse_projections().use_gqa_decode()):
+        torch.testing.assert_close(cached_decode_logits(m), want, atol=1e-5, rtol=0)
+    assert len(calls) == 2 * 6 * model.cfg.num_layers  # decode steps only (6 of them); the prefill stays on SDPA
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["lora", "nf4"])
+def test_fusion_refuses_lora_and_nf4_layers(model, nf4):
+    import lora
+
+    m = copy.deepcopy(model)
+    if nf4:
+        lora.quantize_nf4(m, ["up_proj"])
+    else:
+        lora.inject_lora(m, ["q_proj", "v_proj"], r=2, alpha=4, dropout=0.0)
+        with torch.no_grad():  # a non-zero adapter, so that merging it matters
+            for layer in m.layers:
+                layer.self_attn.q_proj.lora_B.weight.normal_(std=0.2)
+    parts = ["mlp.up_proj"] if nf4 else ["self_attn.q_proj", "self_attn.v_proj"]
+    assert m.unfusable_projections() == [f"layers.{i}.{p} (LoRALinear)" for i in range(2) for p in parts]
+    with pytest.raises(ValueError, match=r"layers\.0\..*LoRALinear.*lora\.merge_lora"):
+        m.fuse_projections()
+    assert not m.fused and m.layers[0].self_attn.qkv_proj is None and m.layers[0].mlp.gate_up_proj is None
+    lora.merge_lora(m)  # plain linears again (NF4 dequantized): now they stack
+    want = our_logits(m, IDS)
+    torch.testing.assert_close(our_logits(m.fuse_projections(), IDS), want, atol=1e-6, rtol=0)
+
+
+def test_fused_model_is_neither_saved_nor_trained(model, tmp_path):
+    fused = copy.deepcopy(model).fuse_projections()
+    with pytest.raises(ValueError, match="fuse_projections"):
+        save_llama(fused, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RuntimeError, match="cannot train"):
+        fused.train()
+    assert not fused.training and fused.eval() is fused
+    assert fused.fuse_projections() is fused  # a second call changes nothing
+
+
+def test_fusing_compiled_blocks_retraces_them(model):
+    """chat_bench runs compiled variants, then fuses the same compiled model: dynamo's guards must see the new
+    layers and trace again (not run the graphs traced for q_proj ...), and the fused blocks with the GQA decode
+    path still trace whole (fullgraph=True fails on any graph break)."""
+    want = cached_decode_logits(model)
+    compiled = copy.deepcopy(model).compile_blocks(backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-6, rtol=0)
+    compiled.fuse_projections()
+    torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-6, rtol=0)
+    compiled.use_gqa_decode()
+    torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-5, rtol=0)
+    torch._dynamo.reset()

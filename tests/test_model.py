@@ -1,5 +1,7 @@
 """model.py against transformers' LlavaForConditionalGeneration, and generation against full forwards."""
 
+import contextlib
+
 import torch
 import pytest
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -211,3 +213,106 @@ def test_sample_filters():
     # top-p 0.75 keeps the smallest set reaching 0.75: probabilities of [3, 2, 1, ...] are .64, .24, ...
     draws = {M.sample(logits, temperature=1.0, top_p=0.75, generator=g).item() for _ in range(300)}
     assert draws == {2, 3}
+
+
+def _left_padded_prompts(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    img = [M.IMAGE_TOKEN_INDEX] * 16
+    prompts = [[5, 6] + img + torch.randint(0, 200, (7,), generator=g).tolist(),
+               img + torch.randint(0, 200, (3,), generator=g).tolist()]
+    return prompts, torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+
+
+def test_fused_and_gqa_decode_generate_the_same_tokens(hf_and_ours, tmp_path):
+    """The inference switches (Llama.fuse_projections, Llama.use_gqa_decode) change no token of a left-padded
+    batch or of a single prompt (fp64: no near tie can flip), and a fused model is not saved."""
+    import copy
+    _, ours = hf_and_ours
+    base = copy.deepcopy(ours).double()
+    prompts, pixels = _left_padded_prompts()
+    want = M.generate(base, prompts, pixels, max_new_tokens=10)
+    alone = M.generate(base, prompts[1:], pixels[1:], max_new_tokens=10)
+    assert len({tuple(t) for t in want}) == 2  # the rows differ, so a row mix-up would show
+    base.llm.fuse_projections()
+    assert M.generate(base, prompts, pixels, max_new_tokens=10) == want
+    base.llm.use_gqa_decode()
+    assert M.generate(base, prompts, pixels, max_new_tokens=10, sync_every=4) == want
+    assert M.generate(base, prompts[1:], pixels[1:], max_new_tokens=10) == alone
+    with pytest.raises(ValueError, match="fuse_projections"):
+        M.save_model(base, tmp_path / "model", {"llm_mode": "frozen"})
+
+
+class FakeCUDAGraph:
+    """torch.cuda.CUDAGraph on the CPU. fake_graph_capture records the decode_step call made inside it; replay()
+    makes that call again with the very tensors captured and writes the result into the captured output, as a
+    real graph replays its kernels on fixed addresses (so new inputs must have been copied into those tensors)."""
+    made = []
+
+    def __init__(self):
+        self.calls, self.replays = [], 0
+        FakeCUDAGraph.made.append(self)
+
+    def replay(self):
+        self.replays += 1
+        for fn, args, out in self.calls:
+            out.copy_(fn(*args))
+
+
+@contextlib.contextmanager
+def fake_graph_capture(graph):
+    """torch.cuda.graph(g): model.decode_step called inside is recorded into g. A real capture computes nothing,
+    so the output is left as NaN until the first replay (its cache writes happen, but only rewrite what the
+    warm-up wrote into the same slot)."""
+    real = M.decode_step
+
+    def recording(*args):
+        out = real(*args)
+        graph.calls.append((real, args, out))
+        return out.fill_(float("nan"))
+
+    M.decode_step = recording
+    try:
+        yield
+    finally:
+        M.decode_step = real
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_graphed_decode_step_logic_on_cpu(hf_and_ours, monkeypatch):
+    """GraphedDecodeStep with torch.cuda's graph and stream API faked (the GPU itself: bench/chat_bench.py): the
+    tokens equal plain decode_step's; it captures once per KV cache (again after the cache is rebuilt for another
+    batch size or length, not when generate reuses it) and replays once per step, on the current inputs."""
+    import copy
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph_capture)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    FakeCUDAGraph.made.clear()
+    _, ours = hf_and_ours
+    m = copy.deepcopy(ours).double()
+    prompts, pixels = _left_padded_prompts()
+    other, other_pixels = _left_padded_prompts(seed=8)
+    step = M.GraphedDecodeStep()
+    runs = [(prompts, pixels, 64, 1), (other, other_pixels, 64, 4),  # same batch and cache length: no new capture
+            (other[:1], other_pixels[:1], 64, 1),                    # batch 1: a new cache, a new capture
+            (other[:1], other_pixels[:1], 96, 1)]                    # a longer cache: a new capture
+    for n, (p, px, cache_len, k) in enumerate(runs):
+        want = M.generate(m, p, px, max_new_tokens=9, max_cache_len=cache_len)
+        got = M.generate(m, p, px, max_new_tokens=9, max_cache_len=cache_len, step_fn=step, sync_every=k)
+        assert got == want
+        assert len(FakeCUDAGraph.made) == [1, 1, 2, 3][n]
+        assert FakeCUDAGraph.made[-1].replays == (16 if n == 1 else 8)  # one per decode step (9 tokens, 8 steps)
+    assert all(len(g.calls) == 1 for g in FakeCUDAGraph.made)
+    # a replay computes from the inputs of this call, copied into the captured tensors, not from the first call's
+    llm = m.llm
+    pos, slot = torch.tensor([30]), torch.tensor([30])
+    key_valid = torch.ones(1, 96, dtype=torch.bool)
+    a = step(llm, torch.tensor([11]), pos, slot, key_valid).clone()
+    b = step(llm, torch.tensor([12]), pos, slot, key_valid).clone()
+    assert len(FakeCUDAGraph.made) == 3 and not torch.equal(a, b)
+    torch.testing.assert_close(b, M.decode_step(llm, torch.tensor([12]), pos, slot, key_valid), atol=0, rtol=0)

@@ -47,7 +47,7 @@ torch.save({{n: p.detach().clone() for n, p in m.named_parameters() if p.require
 def demo_run(tmp_path_factory):
     """The demo's tiny models and pictures, a 16-record finetune set, and a stage-1 output to --init-from."""
     root = tmp_path_factory.mktemp("demo")
-    demo.write_data(root, n_pretrain=4, n_finetune=16, n_eval=16, seed=0)
+    demo.write_data(root, n_pretrain=4, n_finetune=16, n_text=1, n_eval=16, seed=0)
     demo.write_models(root / "models")
     records = json.loads((root / "finetune.json").read_text())
     (root / "ft8.json").write_text(json.dumps([r for r in records if "image" in r][:8]))
