@@ -194,9 +194,13 @@ def build_parser():
     g.add_argument("--offload-optimizer", action="store_true", help="keep optimizer states in CPU memory (ZeRO>=1)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each LLM block in backward instead of storing its activations")
+    g.add_argument("--checkpoint-layers", type=int, default=None, metavar="K",
+                   help="recompute only the first K LLM blocks (default: all); the rest keep their activations: "
+                        "faster steps for more memory (an H100 pretrain at micro-batch 32 fits K=11 of 32)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each LLM block (fuses the elementwise ops; 1.3x faster pretrain steps on an "
-                        "H100, see BENCHMARKS.md); the first steps pay the compilation")
+                   help="torch.compile each LLM block (fuses the elementwise ops and the LoRA branches: on an H100 "
+                        "1.3x faster pretrain steps, 1.7-1.8x faster LoRA/QLoRA steps, see BENCHMARKS.md); the "
+                        "first steps pay the compilation")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="bf16: bf16 weights, fp32 master copies")
     g.add_argument("--deepspeed", action=DeepSpeedPreset, metavar="NAME|JSON",
                    help=f"XTuner's preset names ({', '.join(XTUNER_DEEPSPEED)}) or a .json as --deepspeed-config")
@@ -393,8 +397,10 @@ def build_llava(args, cfg, device):
     torch.manual_seed(args.seed)  # the projector's and the adapters' initial values, the same on every rank
     # NF4: load the LLM in CPU memory and quantize one matrix at a time on the device, so the bf16 model never
     # has to fit on the GPU whole (lora.py)
+    # --random-init draws on the device even with NF4 (a CPU takes minutes to draw 8B random numbers); the bf16 LLM
+    # then exists whole on the GPU until quantization replaces it matrix by matrix (16 GB at 8B)
     build = random_model if args.random_init else llava.build_model
-    m = build(cfg, dtype=dtype, device="cpu" if nf4 else device)
+    m = build(cfg, dtype=dtype, device="cpu" if nf4 and not args.random_init else device)
     m.requires_grad_(False)
     if nf4:
         lora.quantize_nf4(m.llm, LLM_LORA_TARGETS, compute_dtype=dtype, device=device)
@@ -402,7 +408,9 @@ def build_llava(args, cfg, device):
     add_trainable_parts(m, cfg)
     if args.init_from:
         load_projector(m.projector, args.init_from)
-    m.llm.activation_checkpointing = args.activation_checkpointing
+    # all blocks, or the first K (--checkpoint-layers K): the others keep their activations and skip the recompute
+    ac = args.activation_checkpointing
+    m.llm.activation_checkpointing = args.checkpoint_layers if ac and args.checkpoint_layers is not None else ac
     if m.vision is not None:  # frozen: no graph at all
         m.vision.activation_checkpointing = args.activation_checkpointing and args.vision_lora
     return m.train()
@@ -835,6 +843,8 @@ class Progress:
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
             self.peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+            # "mem": the peak of training alone, not of loading (--random-init with NF4 briefly holds the bf16 LLM)
+            torch.cuda.reset_peak_memory_stats(device)
         self.file = Path(out) / "metrics.jsonl"
         self.bar = None
         if rank() == 0:
@@ -1149,11 +1159,13 @@ def summary(args, m, report, total, steps_per_epoch):
     lines = ["parameters (trainable / frozen, dtypes):"]
     for part, (t, f, dts) in parameter_table(m).items():
         lines.append(f"  {part:<9} {t:>15,} / {f:>15,}  {','.join(dts)}")
+    checkpointing = "off" if not args.activation_checkpointing else "on" if args.checkpoint_layers is None else \
+        f"first {args.checkpoint_layers} blocks"
     lines += [
         f"stage {args.stage}{' (text only)' if args.vision is None else ''}{' | packed' if args.pack else ''}"
         f" | llm {args.llm_mode}{' + vision LoRA' if args.vision_lora else ''} | dtype {args.dtype}"
         f" | ZeRO-{args.zero}{' + optimizer offload' if args.offload_optimizer else ''}"
-        f" | activation checkpointing {'on' if args.activation_checkpointing else 'off'}",
+        f" | activation checkpointing {checkpointing}",
         f"world {world()} x micro-batch {args.micro_batch} x accumulation {args.accumulation} = global batch "
         f"{args.global_batch} | {total} optimizer steps ({steps_per_epoch} per epoch) | lr {args.lr:.1e}",
         f"data: {report}",

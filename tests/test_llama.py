@@ -224,7 +224,7 @@ def test_activation_checkpointing_same_gradients(model, monkeypatch):
     real = llama.checkpoint
     monkeypatch.setattr(llama, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     grads = []
-    for flag in (False, True):
+    for flag in (False, True, 1):  # 1: the first block only (train.py --checkpoint-layers 1)
         model.train()
         model.activation_checkpointing = flag
         model.zero_grad()
@@ -234,12 +234,13 @@ def test_activation_checkpointing_same_gradients(model, monkeypatch):
     model.activation_checkpointing = False
     model.eval()
     model.zero_grad()
-    assert len(calls) == model.cfg.num_layers  # really checkpointed, once per block
+    assert len(calls) == model.cfg.num_layers + 1  # really checkpointed: once per block, then block 0 alone
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grads[2][n], grads[0][n], atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # and never while not training
         model(IDS[:, :4])
-    assert len(calls) == model.cfg.num_layers
+    assert len(calls) == model.cfg.num_layers + 1
 
 
 # ----------------------------------------------------------------------------------------------------------------

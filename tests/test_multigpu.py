@@ -335,7 +335,9 @@ def test_synthetic_data_and_random_init(tmp_path):
     out = tmp_path / "syn"
     res = run_inprocess(["--stage", "finetune", "--llm", "tiny", "--vision", "tiny", "--random-init", "--synthetic",
                          "8", "--max-length", "80", "--micro-batch", "4", "--max-steps", "2", "--dtype", "fp32",
-                         "--num-workers", "0", "--zero", "2", "--lora", "--out", str(out), "--no-save"])
+                         "--num-workers", "0", "--zero", "2", "--lora", "--out", str(out), "--no-save",
+                         "--checkpoint-layers", "1"])
+    assert res["engine"].module.llm.activation_checkpointing == 1  # the first block recomputed, the other kept
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all(r["world"] == 1 for r in recs)
     # N(0, 0.02) weights give near-uniform logits: the loss starts at ln(vocab)
