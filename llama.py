@@ -8,9 +8,8 @@
   Llama-3.1's "llama3" frequency scaling is supported. SwiGLU MLP (Shazeer 2020, arXiv:2002.05202).
 - Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245) through F.scaled_dot_product_attention, with a
   preallocated static-shape KV cache (the gpt-fast design) so that a decode step can be torch.compile'd.
-- Inference only, two switches for decode speed: `Llama.fuse_projections()` stacks q/k/v and gate/up into one matrix
-  each (gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`), and `Llama.use_gqa_decode()` attends a one-token step
-  by grouped GEMVs instead of SDPA (`gqa_decode_attention`). Neither changes a parameter name of the unfused model.
+- Inference only, for decode speed: `Llama.fuse_projections()` stacks q/k/v and gate/up into one matrix each
+  (gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`). The unfused model's parameter names stay HF's.
 
 Module names follow HF's `LlamaForCausalLM` (minus its `model.` prefix) so that LoRA targets and PEFT adapter keys
 match. References: transformers/models/llama/modeling_llama.py and modeling_rope_utils.py (the numerics we match),
@@ -184,22 +183,6 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def gqa_decode_attention(q, k, v, mask):
-    """Attention of a one-token decode step, q (B, H, 1, D), over the cache k, v (B, Hkv, S, D); mask (B|1, 1, 1, S)
-    bool. The G = H / Hkv query heads that share a K/V head are stacked as the rows of one small matrix, so the step
-    is two batched GEMVs that read each cached K/V head once: (B, Hkv, G, D) @ (B, Hkv, D, S) -> (B, Hkv, G, S),
-    softmax, @ (B, Hkv, S, D). SDPA with an explicit mask and enable_gqa may instead take the math kernel on a GPU,
-    which first copies K and V G times (bench/chat_bench.py compares the two)."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    # query head h = g * G + j is served by K/V head g, the pairing of SDPA's enable_gqa and HF's repeat_kv
-    q = q.reshape(B, Hkv, H // Hkv, D)                                 # (B, Hkv, G, D)
-    scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5             # (B, Hkv, G, S)
-    # the softmax in fp32, as HF's eager attention; every row sees at least its own slot, so none is all -inf
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-    return (probs @ v).reshape(B, H, 1, D)                             # (B, H, 1, D)
-
-
 def stack_linears(*linears):
     """One bias-free nn.Linear whose output is the outputs of `linears` side by side: their weights stacked by rows
     (a new tensor; the caller drops the old layers, so the memory is not doubled). Inference only: frozen."""
@@ -219,7 +202,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, cfg.num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * D, C, bias=False)
         self.qkv_proj = None     # q_proj, k_proj, v_proj stacked into one layer by fuse_projections (inference)
-        self.gqa_decode = False  # Llama.use_gqa_decode: a decode step attends through gqa_decode_attention
         self.cache = None        # a KVCache after Llama.setup_cache
 
     def fuse_projections(self):
@@ -239,16 +221,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole cache, masked below
-        # a decode step (Llama.forward always masks it); the flag is read last, so that compiled prefill graphs
-        # do not depend on it (dynamo guards only on what it reads)
-        if T == 1 and cache_pos is not None and self.gqa_decode:
-            y = gqa_decode_attention(q, k, v, mask)  # (B, H, 1, D)
-        else:
-            # GQA: each group of H / Hkv query heads shares one K/V head. enable_gqa broadcasts the shared heads
-            # inside the kernel (flash / cuDNN on GPU) instead of materialising repeated K/V: on an H100 (8B shapes,
-            # bf16) it was faster in every case measured, e.g. a batch-8 decode step over 2048 slots 0.08 vs 0.40 ms
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=Hkv != H)  # (B, H, T, D)
+        # GQA: each group of H / Hkv query heads shares one K/V head. enable_gqa broadcasts the shared heads inside
+        # the kernel (flash / cuDNN on GPU) instead of materialising repeated K/V: on an H100 (8B shapes, bf16) it
+        # was faster in every case measured, e.g. a batch-8 decode step over 2048 slots 0.08 ms vs 0.40 ms. (A
+        # decode step as two grouped GEMVs instead measured no faster: BENCHMARKS.md, round 3.)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=Hkv != H)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -351,13 +329,6 @@ class Llama(nn.Module):
         return [f"{name} ({type(m).__name__})" for name, m in self.named_modules()
                 if name.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
                 and (type(m) is not nn.Linear or m.bias is not None)]
-
-    def use_gqa_decode(self, on=True):
-        """Decode steps (one token per row, with the KV cache) attend through gqa_decode_attention instead of SDPA;
-        prefill and training are unchanged. Returns self."""
-        for layer in self.layers:
-            layer.self_attn.gqa_decode = on
-        return self
 
     def train(self, mode=True):
         if mode and self.fused:

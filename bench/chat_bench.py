@@ -4,7 +4,7 @@ question, left-padded batches of 16 and 32, 8 new tokens each: an MMBench answer
 
     python bench/chat_bench.py --side ours      # model.generate: eager decode steps, and CUDA-graph replayed steps
     python bench/chat_bench.py --side hf        # LlavaForConditionalGeneration.generate (dynamic cache, eager)
-    python bench/chat_bench.py --side ours --variants compiled_sync8,compiled_fused_sync8,compiled_fused_gqa_sync8 \
+    python bench/chat_bench.py --side ours --variants compiled_sync8,compiled_fused_sync8 \
         --profile                               # round 3: fused projections, GQA decode attention, kernel tables
 
 Random weights never emit a stop token by design here: ours gets no stop ids and HF gets min_new_tokens, so every
@@ -34,23 +34,22 @@ def extra_args(p):
     p.add_argument("--variants", default="eager,cuda_graph,cuda_graph_sync8,compiled_sync8",
                    help="ours, run in this order on one model; a name is words joined by _: eager (no graph) or "
                         "cuda_graph (GraphedDecodeStep) or compiled (Llama.compile_blocks + CLIP compile_layers, "
-                        "and GraphedDecodeStep), then optionally fused (Llama.fuse_projections), gqa "
-                        "(Llama.use_gqa_decode), sync8 (generate(sync_every=8)). Compiling and fusing last for good, "
-                        "so variants without them come first, e.g. compiled_sync8,compiled_fused_sync8,"
-                        "compiled_fused_gqa_sync8")
+                        "and GraphedDecodeStep), then optionally fused (Llama.fuse_projections), sync8 "
+                        "(generate(sync_every=8)). Compiling and fusing last for good, so variants without them "
+                        "come first, e.g. compiled_sync8,compiled_fused_sync8")
 
 
-VARIANT_WORDS = {"eager", "cuda", "graph", "compiled", "fused", "gqa", "sync8"}
+VARIANT_WORDS = {"eager", "cuda", "graph", "compiled", "fused", "sync8"}
 
 
 def parse_variants(text):
-    """'cuda_graph_sync8,compiled_fused_gqa_sync8' -> [(name, what it turns on)], checked for order."""
+    """'cuda_graph_sync8,compiled_fused_sync8' -> [(name, what it turns on)], checked for order."""
     out = []
     for name in text.split(","):
         words = name.split("_")
         if not set(words) <= VARIANT_WORDS:
             raise SystemExit(f"--variants: {name!r} has words outside {sorted(VARIANT_WORDS)}")
-        v = dict(graph=words[0] != "eager", compiled="compiled" in words, fused="fused" in words, gqa="gqa" in words,
+        v = dict(graph=words[0] != "eager", compiled="compiled" in words, fused="fused" in words,
                  sync_every=8 if "sync8" in words else 1)
         for key in ("compiled", "fused"):  # these change the model for good: all variants after one have them too
             if not v[key] and any(w[key] for _, w in out):
@@ -134,9 +133,8 @@ def run_ours(args, P, vcfg, lcfg):
     profiled = set(names) if args.profile == "all" else set(filter(None, args.profile.split(",")))
     if profiled - set(names):
         raise SystemExit(f"--profile {args.profile}: {sorted(profiled - set(names))} not in --variants")
-    # the 32 blocks share the graphs compiled for Block.forward, and each variant that changes the blocks (fused,
-    # gqa) and each eval shape adds some (9 in all for compiled_sync8,compiled_fused_sync8,compiled_fused_gqa_sync8):
-    # past dynamo's default limit of 8, a new one would silently run eager
+    # the 32 blocks share the graphs compiled for Block.forward, and a variant that changes the blocks (fused) and
+    # each eval shape add some: past dynamo's default limit of 8, a new one would silently run eager
     torch._dynamo.config.recompile_limit = 64
     net = C.build_ours(args.tiny, args.device).eval()
     chat = prompts(P, 35, [35], -200, lcfg.vocab_size)
@@ -158,7 +156,6 @@ def run_ours(args, P, vcfg, lcfg):
             net.llm.compile_blocks()
             net.vision.compile_layers()
             compiled = True
-        net.llm.use_gqa_decode(v["gqa"])
         step_fn = M.GraphedDecodeStep() if v["graph"] and graphs else None  # captured anew on the model as it is now
         sync_every = v["sync_every"]
         t = time.perf_counter()

@@ -383,34 +383,6 @@ def test_fused_projections_equal_unfused_in_prefill_and_cached_decode(model):
     torch.testing.assert_close(cached_decode_logits(fused), cached_decode_logits(model), atol=1e-6, rtol=0)
 
 
-def test_gqa_decode_attention_equals_sdpa_with_padding():
-    """gqa_decode_attention against SDPA with enable_gqa, over a cache with left-padded rows and unwritten slots;
-    a row that sees one slot only returns that slot's value, through the K/V head of its query head's group."""
-    g = torch.Generator().manual_seed(0)
-    B, H, Hkv, S, D = 3, 8, 2, 12, 16
-    q = torch.randn(B, H, 1, D, generator=g)
-    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
-    key_valid = torch.ones(B, S, dtype=torch.bool)
-    key_valid[1, :4] = False  # left padding
-    key_valid[2, :9] = False  # row 2's only token so far is the one decoded in slot 9
-    mask = llama.attention_mask(torch.tensor([9]), key_valid, S)  # (B, 1, 1, S); slots 10, 11 are not written yet
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    got = llama.gqa_decode_attention(q, k, v, mask)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[2, :, 0], v[2, :, 9].repeat_interleave(H // Hkv, dim=0), atol=1e-6, rtol=0)
-
-
-def test_gqa_decode_in_the_model_equals_sdpa(model, monkeypatch):
-    calls = []
-    real = llama.gqa_decode_attention
-    monkeypatch.setattr(llama, "gqa_decode_attention", lambda *a: calls.append(1) or real(*a))
-    want = cached_decode_logits(model)
-    assert not calls  # off by default
-    for m in (copy.deepcopy(model).use_gqa_decode(), copy.deepcopy(model).fuse_projections().use_gqa_decode()):
-        torch.testing.assert_close(cached_decode_logits(m), want, atol=1e-5, rtol=0)
-    assert len(calls) == 2 * 6 * model.cfg.num_layers  # decode steps only (6 of them); the prefill stays on SDPA
-
-
 @pytest.mark.parametrize("nf4", [False, True], ids=["lora", "nf4"])
 def test_fusion_refuses_lora_and_nf4_layers(model, nf4):
     import lora
@@ -446,14 +418,12 @@ def test_fused_model_is_neither_saved_nor_trained(model, tmp_path):
 
 def test_fusing_compiled_blocks_retraces_them(model):
     """chat_bench runs compiled variants, then fuses the same compiled model: dynamo's guards must see the new
-    layers and trace again (not run the graphs traced for q_proj ...), and the fused blocks with the GQA decode
-    path still trace whole (fullgraph=True fails on any graph break)."""
+    layers and trace again (not run the graphs traced for q_proj ...), and the fused blocks still trace whole
+    (fullgraph=True fails on any graph break)."""
     want = cached_decode_logits(model)
     compiled = copy.deepcopy(model).compile_blocks(backend="eager", fullgraph=True)
     torch._dynamo.reset()
     torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-6, rtol=0)
     compiled.fuse_projections()
     torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-6, rtol=0)
-    compiled.use_gqa_decode()
-    torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-5, rtol=0)
     torch._dynamo.reset()

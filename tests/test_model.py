@@ -223,8 +223,8 @@ def _left_padded_prompts(seed=7):
     return prompts, torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
 
 
-def test_fused_and_gqa_decode_generate_the_same_tokens(hf_and_ours, tmp_path):
-    """The inference switches (Llama.fuse_projections, Llama.use_gqa_decode) change no token of a left-padded
+def test_fused_projections_generate_the_same_tokens(hf_and_ours, tmp_path):
+    """Llama.fuse_projections changes no token of a left-padded
     batch or of a single prompt (fp64: no near tie can flip), and a fused model is not saved."""
     import copy
     _, ours = hf_and_ours
@@ -235,7 +235,6 @@ def test_fused_and_gqa_decode_generate_the_same_tokens(hf_and_ours, tmp_path):
     assert len({tuple(t) for t in want}) == 2  # the rows differ, so a row mix-up would show
     base.llm.fuse_projections()
     assert M.generate(base, prompts, pixels, max_new_tokens=10) == want
-    base.llm.use_gqa_decode()
     assert M.generate(base, prompts, pixels, max_new_tokens=10, sync_every=4) == want
     assert M.generate(base, prompts[1:], pixels[1:], max_new_tokens=10) == alone
     with pytest.raises(ValueError, match="fuse_projections"):
