@@ -5,7 +5,7 @@ question, left-padded batches of 16 and 32, 8 new tokens each: an MMBench answer
     python bench/chat_bench.py --side ours      # model.generate: eager decode steps, and CUDA-graph replayed steps
     python bench/chat_bench.py --side hf        # LlavaForConditionalGeneration.generate (dynamic cache, eager)
     python bench/chat_bench.py --side ours --variants compiled_sync8,compiled_fused_sync8 \
-        --profile                               # round 3: fused projections, GQA decode attention, kernel tables
+        --profile                               # round 3: unfused vs fused projections, kernel tables
 
 Random weights never emit a stop token by design here: ours gets no stop ids and HF gets min_new_tokens, so every
 run generates exactly the requested number of tokens. TTFT = from the generate call to the first new token on the
