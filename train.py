@@ -527,10 +527,16 @@ def lr_factor(step, total, warmup_ratio=0.03):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def deepspeed_config(args):
+def deepspeed_config(args, trainable=None):
+    """The DeepSpeed config from the flags; `trainable`: the number of trainable parameters, if known."""
     zero = {"stage": args.zero}
     if args.zero > 0:
         zero["overlap_comm"] = True
+    if args.zero in (1, 2) and trainable:
+        # ZeRO-1/2 allocate their gradient buckets at full size (two with overlap_comm), 5e8 elements by default:
+        # 2 GB in bf16 for a run that trains 20M (the projector) or 189M (LoRA) parameters. No bucket needs to be
+        # larger than all the gradients together.
+        zero["reduce_bucket_size"] = min(500_000_000, trainable)
     if args.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if args.zero == 3:
@@ -1079,8 +1085,9 @@ def train(args):
     if args.max_steps:
         total = min(total, args.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, args.warmup_ratio))
+    ds_config = deepspeed_config(args, trainable=sum(p.numel() for p in params))
     engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=params, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=deepspeed_config(args))
+                                           lr_scheduler=scheduler, config=ds_config)
 
     step, epoch, consumed = 0, 0, 0  # consumed: samples of the current epoch this rank has trained on
     if resume:

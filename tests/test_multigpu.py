@@ -338,6 +338,8 @@ def test_synthetic_data_and_random_init(tmp_path):
                          "--num-workers", "0", "--zero", "2", "--lora", "--out", str(out), "--no-save",
                          "--checkpoint-layers", "1"])
     assert res["engine"].module.llm.activation_checkpointing == 1  # the first block recomputed, the other kept
+    trainable = sum(p.numel() for p in res["engine"].module.parameters() if p.requires_grad)
+    assert res["engine"].optimizer.reduce_bucket_size == trainable  # not DeepSpeed's 5e8 (train.deepspeed_config)
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all(r["world"] == 1 for r in recs)
     # N(0, 0.02) weights give near-uniform logits: the loss starts at ln(vocab)

@@ -139,6 +139,12 @@ def test_deepspeed_config_merge(tmp_path):
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 5
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (1, 8)
+    # the gradient buckets: never larger than all the trainable parameters (a user's JSON still wins)
+    a.deepspeed_config = None
+    assert train.deepspeed_config(a, trainable=1234)["zero_optimization"]["reduce_bucket_size"] == 1234
+    assert train.deepspeed_config(a, trainable=10 ** 10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    a.zero = 3  # ZeRO-3 sizes its buckets by itself
+    assert "reduce_bucket_size" not in train.deepspeed_config(a, trainable=1234)["zero_optimization"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
