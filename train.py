@@ -1166,8 +1166,8 @@ def summary(args, m, report, total, steps_per_epoch):
     lines = ["parameters (trainable / frozen, dtypes):"]
     for part, (t, f, dts) in parameter_table(m).items():
         lines.append(f"  {part:<9} {t:>15,} / {f:>15,}  {','.join(dts)}")
-    checkpointing = "off" if not args.activation_checkpointing else "on" if args.checkpoint_layers is None else \
-        f"first {args.checkpoint_layers} blocks"
+    ac = m.llm.activation_checkpointing  # as build_llava set it: True, False or the first K blocks
+    checkpointing = "on" if ac is True else f"first {ac} blocks" if ac else "off"
     lines += [
         f"stage {args.stage}{' (text only)' if args.vision is None else ''}{' | packed' if args.pack else ''}"
         f" | llm {args.llm_mode}{' + vision LoRA' if args.vision_lora else ''} | dtype {args.dtype}"

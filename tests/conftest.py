@@ -23,7 +23,6 @@ def free_port():
 os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

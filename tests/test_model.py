@@ -224,8 +224,8 @@ def _left_padded_prompts(seed=7):
 
 
 def test_fused_projections_generate_the_same_tokens(hf_and_ours, tmp_path):
-    """Llama.fuse_projections changes no token of a left-padded
-    batch or of a single prompt (fp64: no near tie can flip), and a fused model is not saved."""
+    """Llama.fuse_projections changes no token of a left-padded batch or of a single prompt (fp64: no near tie can
+    flip), and a fused model is not saved."""
     import copy
     _, ours = hf_and_ours
     base = copy.deepcopy(ours).double()
