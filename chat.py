@@ -5,9 +5,12 @@
     python chat.py                                   # text-only
     python chat.py --model runs/internlm2-sft-qlora  # a text-only run (train.py --stage sft): its template
     python chat.py --model merged --template internlm2_chat   # a plain LLM folder names no template: say which
+    python chat.py --model llava-xtuner --llm LLM --vision CLIP  # XTuner's layout from elsewhere: name the bases
 
 One line is one message. Commands: RESET (new conversation), EXIT, IMAGE <path> (new conversation about another
-image). Template, vision tower, projector and select layer come from the model folder, so no other flag is needed.
+image). Template, vision tower, projector and select layer come from the model folder (extras/loader.py reads every
+layout), so no other flag is needed beyond what a folder cannot know. Text typed in a message, `<image>` included,
+stays text: only the attached image becomes image positions.
 
 Each turn is prefilled on top of the KV cache of the previous turns (only the new tokens are computed, unlike
 XTuner's chat, which re-encodes the whole history every turn). Sampling defaults are XTuner's (temperature 0.1,
@@ -24,7 +27,8 @@ import torch
 
 import clip
 import data
-from model import GraphedDecodeStep, generate, load_model
+from extras import loader
+from model import GraphedDecodeStep, generate
 
 
 class Conversation:
@@ -81,10 +85,10 @@ class Conversation:
 
     def ask(self, text):
         first = self.turns == 0
-        if first and self.image is not None:
-            text = "<image>\n" + text
+        # the attached image opens the first turn; typed text, `<image>` included, stays text
         ids = data.encode_prompt(self.tok, self.template, text, system=self.args.system if first else None,
-                                 first_turn=first, image_tokens=self.cfg.get("image_tokens", 576))
+                                 first_turn=first, image_tokens=self.cfg.get("image_tokens", 576),
+                                 image=first and self.image is not None)
         if not first:
             # the previous answer's last token was sampled but never fed: it opens this turn's prefill
             ids = self.carry + ids
@@ -168,11 +172,9 @@ class _Streamer:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model folder (default: runs/latest)")
+    loader.add_model_arguments(p)
     p.add_argument("--image", default=None, help="image to talk about (omit for a text-only chat)")
     p.add_argument("--system", default=None, help="system prompt (none by default, as in training)")
-    p.add_argument("--template", default=None, choices=sorted(data.TEMPLATES),
-                   help="chat template of a plain LLM folder (a run folder names its own; a different one is refused)")
     p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=0.75,
@@ -202,28 +204,12 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout):
     args = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    if args.model and not os.path.exists(args.model):
-        print(f"no model at {args.model}: pass --model DIR (a run's model/ folder, an HF LLaVA folder, or an XTuner "
-              "/ official LLaVA export), or leave --model out to use runs/latest", file=sys.stderr)
-        return 2
     try:
-        model, tok, cfg = load_model(args.model, dtype=dtype, device=args.device)
-    except FileNotFoundError as e:  # no runs/latest: the message says how to train one or what to pass
-        print(e, file=sys.stderr)
+        model, tok, cfg = loader.load_from_args(args, dtype=dtype, device=args.device)
+    except loader.LoadError as e:
+        print(f"chat.py: {e}", file=sys.stderr)
         return 2
     where = args.model or "runs/latest"
-    if cfg.get("template") is None:  # a plain LLM folder: the template it was trained with is not written there
-        if args.template is None:
-            print(f"{where} is a plain LLM folder, which does not say its chat template: pass --template "
-                  f"({' | '.join(sorted(data.TEMPLATES))}; InternLM2-Chat: internlm2_chat, Llama-3-Instruct: "
-                  "llama3_chat)", file=sys.stderr)
-            return 2
-        cfg = {**cfg, "template": args.template}
-    elif args.template and args.template != cfg["template"]:  # bound to the checkpoint (xtuner#376)
-        print(f"--template {args.template}: {where} was trained with {cfg['template']} (another template would "
-              "not stop where the model learnt to); leave --template out",
-              file=sys.stderr)
-        return 2
     if args.image and model.vision is None:
         print(f"{where} is a text-only model (no vision tower): leave --image out", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ LLaVA-1.5 / XTuner's LLaVA-Llama-3 use OpenAI's CLIP ViT-L/14 at 336 px (`openai
 
     image (3, 336, 336) -> 14x14 patches -> 576 patch vectors + 1 CLS vector -> 24 pre-norm transformer blocks
 
-and take the output of the *penultimate* block with CLS dropped: 576 features of width 1024 per image (SPEC §1).
+and take the output of the *penultimate* block with CLS dropped: 576 features of width 1024 per image.
 `forward(pixel_values, select_layer=-2)` returns exactly that and never runs the blocks after the chosen one.
 
 The maths is HF's `CLIPVisionModel` (transformers/models/clip/modeling_clip.py): a bias-free Conv2d patch embedding, a
@@ -178,13 +178,6 @@ class CLIPVisionTower(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.activation_checkpointing = False  # recompute each block in backward (a ViT-LoRA finetune sets it)
-
-    def compile_layers(self, **compile_kwargs):
-        """torch.compile each encoder layer in place (one compilation serves all 24; see Llama.compile_blocks):
-        the LayerNorms, quick-GELU and residual adds fuse into a few kernels. Returns self."""
-        for layer in self.layers:
-            layer.compile(**compile_kwargs)
-        return self
 
     def _embed(self, pixel_values):
         S = self.cfg.image_size

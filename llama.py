@@ -15,8 +15,8 @@ Module names follow HF's `LlamaForCausalLM` (minus its `model.` prefix) so that 
 match. References: transformers/models/llama/modeling_llama.py and modeling_rope_utils.py (the numerics we match),
 pytorch-labs/gpt-fast model.py and meta-llama/llama3 model.py (the structure we follow).
 
-InternLM2 (the last section) is this same decoder under other checkpoint names, with q, k and v packed into one
-`wqkv` matrix: its checkpoints load into this module and save back in their own layout (`cfg.layout`).
+InternLM2 is this same decoder under other checkpoint names, with q, k and v packed into one `wqkv` matrix:
+extras/internlm2.py loads its checkpoints into this module and saves them back in their own layout (`cfg.layout`).
 """
 
 import math
@@ -222,9 +222,7 @@ class Attention(nn.Module):
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole cache, masked below
         # GQA: each group of H / Hkv query heads shares one K/V head. enable_gqa broadcasts the shared heads inside
-        # the kernel (flash / cuDNN on GPU) instead of materialising repeated K/V: on an H100 (8B shapes, bf16) it
-        # was faster in every case measured, e.g. a batch-8 decode step over 2048 slots 0.08 ms vs 0.40 ms. (A
-        # decode step as two grouped GEMVs instead measured no faster: BENCHMARKS.md, round 3.)
+        # the kernel (flash / cuDNN on GPU) instead of materialising repeated K/V (BENCHMARKS.md measures both)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=Hkv != H)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
@@ -302,8 +300,7 @@ class Llama(nn.Module):
         into one `gate_up_proj`, in place; returns self. Same outputs (each output row is the same dot product).
 
         Batch-1 decode reads every weight once per token, so its speed is the GEMVs' memory bandwidth, and a small
-        GEMV streams worse than a large one (on an H100, the 1024-row k_proj / v_proj GEMVs reached 1.4 TB/s against
-        2.7 TB/s for the rest: BENCHMARKS.md). Two GEMVs per block instead of five, and fewer kernel launches.
+        GEMV streams worse than a large one (BENCHMARKS.md measures the 1024-row k_proj / v_proj). Two GEMVs per block instead of five, and fewer kernel launches.
         The old weights are freed. Parameter names change (no checkpoint has these keys), so a fused model is not
         for saving (save_llama refuses it) or training (train() refuses it): load the model again for that.
         LoRA and NF4 layers cannot be stacked (see unfusable_projections); merge them first (lora.merge_lora).
@@ -422,33 +419,37 @@ HF_KEYS = {
 }
 
 
-def load_llama(path, dtype=torch.bfloat16, device="cpu"):
-    """Build on the meta device (no memory), then read the safetensors one tensor at a time straight into place."""
+def load_llama(path, dtype=torch.bfloat16, device="cpu", table=HF_KEYS, reader=None):
+    """Build on the meta device (no memory), then read the safetensors one tensor at a time straight into place.
+
+    table / reader: another checkpoint family of this same decoder (extras/internlm2.py) passes its key table and a
+    reader that presents its tensors under that table's names."""
     path = Path(path)
     cfg = LlamaConfig.from_hf_config(weights.read_json((path if path.is_dir() else path.parent) / "config.json"))
+    if cfg.layout != "llama" and table is HF_KEYS:
+        raise weights.CheckpointError(f"{path} is a {cfg.layout} checkpoint: load it with extras.loader.load_llm")
     with torch.device("meta"):
         model = Llama(cfg)
-    internlm2 = cfg.layout == "internlm2"
-    table, src = (INTERNLM2_KEYS, InternLM2Reader(path, cfg)) if internlm2 else (HF_KEYS, path)
     if cfg.tie_word_embeddings:
-        # the shared matrix is stored once, as the embedding (a copy under lm_head.weight, if any, is ignored)
+        # the shared matrix is stored once, as the embedding (a copy under the head's name, if any, is ignored)
         del model.lm_head.weight
-        table = {**table, ("output.weight" if internlm2 else "lm_head.weight"): None}
-    weights.load_with_table(model, src, table, dtype=dtype, device=device)
+        table = {k: (None if v == "lm_head.weight" else v) for k, v in table.items()}
+    weights.load_with_table(model, reader(path, cfg) if reader else path, table, dtype=dtype, device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.init_rope(device)
     return model.eval()
 
 
-def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_000):
-    """Write `model` as an HF LlamaForCausalLM folder (config.json + safetensors) that transformers loads, or as an
-    InternLM2ForCausalLM folder when it was read from one (cfg.layout == "internlm2")."""
+def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_000, table=HF_KEYS, pack=None,
+               hf_config=None):
+    """Write `model` as an HF LlamaForCausalLM folder (config.json + safetensors) that transformers loads. Another
+    family of this decoder (extras/internlm2.py) passes its key table, a `pack` of the renamed state dict and its
+    config.json."""
     if model.fused:
         raise ValueError("save_llama: this model's projections were fused for inference (Llama.fuse_projections), "
                          "a layout no checkpoint has; save the model before fusing it, or load it again")
-    internlm2 = model.cfg.layout == "internlm2"
-    to_hf = weights.invert_table(INTERNLM2_KEYS if internlm2 else HF_KEYS)
+    to_hf = weights.invert_table(table)
     state = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
@@ -458,191 +459,9 @@ def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_00
         except KeyError:
             raise KeyError(f"{name} has no HF Llama name; merge LoRA adapters first (lora.merge_lora)") from None
         state[hf_name] = t.to(dtype) if t.is_floating_point() else t
-    if internlm2:
-        state = pack_internlm2_state(state, model.cfg)
-    weights.save_safetensors(state, folder, max_shard_bytes=max_shard_bytes)
-    config = internlm2_hf_config(model.cfg) if internlm2 else model.cfg.to_hf_config()
+    weights.save_safetensors(pack(state) if pack else state, folder, max_shard_bytes=max_shard_bytes)
+    config = hf_config or model.cfg.to_hf_config()
     weights.write_json(Path(folder) / "config.json", {**config, "torch_dtype": str(dtype)[6:]})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# InternLM2 checkpoints (`InternLM2ForCausalLM`, e.g. internlm/internlm2-chat-1_8b): this same decoder (RMSNorm,
-# rotate-half RoPE, GQA, SwiGLU, no biases) under other names, with q, k and v packed into one matrix `wqkv`.
-# `LlamaConfig.from_hf_config` sets layout="internlm2" from the config's `model_type`; `load_llama` then reads the
-# checkpoint through the table and the unpacking below, and `save_llama` writes it back in the same layout, so a
-# finetuned or merged InternLM2 is again an InternLM2 folder. Module names stay ours (q_proj ... down_proj).
-#
-# The rows of `wqkv` (out = (H + 2 Hkv) D), per KV group g = 0 .. Hkv-1, G = H / Hkv query heads per group:
-#
-#     [ q heads gG .. gG+G-1 | k head g | v head g ]      each head D rows
-#
-# which is how InternLM2's modeling_internlm2.py reads it: qkv.view(B, T, Hkv, G + 2, D), q = [..., :G, :] (query
-# head gG + j is then head number gG + j, served by KV head g, as in our GQA), k = [..., -2, :], v = [..., -1, :].
-
-INTERNLM2_KEYS = {
-    "model.tok_embeddings.weight": "embed_tokens.weight",
-    "model.norm.weight": "norm.weight",
-    "output.weight": "lm_head.weight",
-    "model.layers.{}.attention_norm.weight": "layers.{}.input_layernorm.weight",
-    "model.layers.{}.ffn_norm.weight": "layers.{}.post_attention_layernorm.weight",
-    # wq / wk / wv are the three parts of `attention.wqkv.weight` as InternLM2Reader presents them
-    "model.layers.{}.attention.wq.weight": "layers.{}.self_attn.q_proj.weight",
-    "model.layers.{}.attention.wk.weight": "layers.{}.self_attn.k_proj.weight",
-    "model.layers.{}.attention.wv.weight": "layers.{}.self_attn.v_proj.weight",
-    "model.layers.{}.attention.wo.weight": "layers.{}.self_attn.o_proj.weight",
-    "model.layers.{}.feed_forward.w1.weight": "layers.{}.mlp.gate_proj.weight",  # w2(silu(w1 x) * w3 x)
-    "model.layers.{}.feed_forward.w3.weight": "layers.{}.mlp.up_proj.weight",
-    "model.layers.{}.feed_forward.w2.weight": "layers.{}.mlp.down_proj.weight",
-    "model.layers.{}.attention.rotary_emb.inv_freq": None,  # a buffer some exports saved; we recompute it
-}
-WQKV_PARTS = ("wq", "wk", "wv")
-
-
-def unpack_wqkv(wqkv, cfg):
-    """(rows of wqkv, ...) -> q (H*D, ...), k (Hkv*D, ...), v (Hkv*D, ...); works for weights and LoRA B alike."""
-    G, D = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    w = wqkv.reshape(cfg.num_kv_heads, G + 2, D, *wqkv.shape[1:])  # (Hkv, G + 2, D, ...)
-    return (w[:, :G].reshape(cfg.num_heads * D, *wqkv.shape[1:]),
-            w[:, G].reshape(cfg.num_kv_heads * D, *wqkv.shape[1:]),
-            w[:, G + 1].reshape(cfg.num_kv_heads * D, *wqkv.shape[1:]))
-
-
-def pack_wqkv(q, k, v, cfg):
-    """The inverse of unpack_wqkv: ((H + 2 Hkv) * D, ...) in InternLM2's grouped order."""
-    G, D, Hkv, rest = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, cfg.num_kv_heads, q.shape[1:]
-    parts = (q.reshape(Hkv, G, D, *rest), k.reshape(Hkv, 1, D, *rest), v.reshape(Hkv, 1, D, *rest))
-    return torch.cat(parts, dim=1).reshape((cfg.num_heads + 2 * Hkv) * D, *rest)
-
-
-class InternLM2Reader(weights.DictReader):
-    """A lazy checkpoint view in which each `...attention.wqkv.weight` reads as three tensors `...attention.wq.weight`,
-    `wk`, `wv`, so weights.load_with_table loads InternLM2 through a plain key table (with all its checks).
-    (A DictReader subclass, so that weights.as_reader takes it as it is.)"""
-
-    def __init__(self, src, cfg):
-        self.reader, self.cfg = weights.as_reader(src), cfg
-        self.path = getattr(self.reader, "path", "<state dict>")
-        rows = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
-        self.parts = {}  # virtual key -> (wqkv key, 0 | 1 | 2 for q | k | v, rows)
-        for key in self.reader.keys():
-            if key.endswith("attention.wqkv.weight"):
-                if self.reader.shape(key)[0] != sum(rows):
-                    raise weights.CheckpointError(
-                        f"{self.path}: {key} has {self.reader.shape(key)[0]} rows, config.json says (heads "
-                        f"{cfg.num_heads} + 2 x kv heads {cfg.num_kv_heads}) x head_dim {cfg.head_dim} = {sum(rows)}")
-                for i, name in enumerate(WQKV_PARTS):
-                    self.parts[key.replace("wqkv", name)] = (key, i, rows[i])
-        self._last = (None, None)  # the last wqkv read: its three parts are asked for one after the other
-
-    def keys(self):
-        return [k for k in self.reader.keys() if not k.endswith("attention.wqkv.weight")] + list(self.parts)
-
-    def __contains__(self, key):
-        return key in self.parts or key in self.reader
-
-    def shape(self, key):
-        if key not in self.parts:
-            return self.reader.shape(key)
-        src, _, rows = self.parts[key]
-        return (rows, *self.reader.shape(src)[1:])
-
-    def get(self, key):
-        if key not in self.parts:
-            return self.reader.get(key)
-        src, i, _ = self.parts[key]
-        if self._last[0] != src:
-            self._last = (src, unpack_wqkv(self.reader.get(src), self.cfg))
-        return self._last[1][i].clone()  # a copy: the view would keep the whole wqkv alive
-
-    def items(self):
-        return ((k, self.get(k)) for k in self.keys())
-
-
-def pack_internlm2_state(state, cfg):
-    """An InternLM2-named state dict with wq / wk / wv (INTERNLM2_KEYS' names) -> the checkpoint's, with wqkv."""
-    out = {}
-    for key, t in state.items():
-        if key.endswith("attention.wq.weight"):
-            q, k, v = (state[key.replace(".wq.", f".{p}.")] for p in WQKV_PARTS)
-            out[key.replace(".wq.", ".wqkv.")] = pack_wqkv(q, k, v, cfg)
-        elif not key.endswith(("attention.wk.weight", "attention.wv.weight")):
-            out[key] = t
-    return out
-
-
-def internlm2_hf_config(cfg):
-    """config.json of an InternLM2ForCausalLM. transformers runs it with trust_remote_code, from the base model's
-    configuration_internlm2.py and modeling_internlm2.py (copy them next to it; `auto_map` names them)."""
-    scaling = None
-    if cfg.rope_scaling:  # InternLM2's code reads the old spelling {"type": ..., "factor": ...}
-        scaling = {"type": cfg.rope_scaling["rope_type"], "factor": cfg.rope_scaling["factor"]}
-    return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_act": "silu", "bias": False,
-            "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                         "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                         "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-            "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-            "rope_scaling": scaling, "max_position_embeddings": cfg.max_position_embeddings,
-            "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
-
-
-def merge_internlm2_adapter(model, src, prefix="", config=None):
-    """Merge an XTuner / PEFT LoRA adapter made for InternLM2 (targets `wqkv wo w1 w2 w3`, and `output`, the head
-    XTuner's find_all_linear_names does not exclude) into the plain weights of `model`, in place.
-
-    Our model has separate q/k/v projections while the adapter has one `wqkv` LoRA, whose update B @ A has wqkv's
-    packed rows: it is unpacked exactly like the weight, then added to q_proj / k_proj / v_proj. Merging at load is
-    exact and keeps one code path; to keep training such an adapter, train our own on q_proj ... instead.
-    src: a PEFT folder, or a state dict (XTuner's .pth: pass prefix="llm." and config={"r", "lora_alpha"}).
-    Returns the adapter's module names. Raises CheckpointError naming every key it cannot place.
-    """
-    import lora  # only here: llama.py does not otherwise need the LoRA code
-
-    where = "<state dict>" if isinstance(src, dict) else str(src)
-    tensors, config = lora._read_adapter(src, config)
-    config = config or {}
-    unsupported = {k: config[k] for k in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
-                   if config.get(k)}
-    if unsupported or "lora_alpha" not in config:
-        raise weights.CheckpointError(f"adapter {where}: needs lora_alpha and no {unsupported or 'special options'}")
-    pairs, problems = {}, []
-    for key, t in tensors.items():
-        m = lora._PEFT_KEY.match(key[len(prefix):]) if key.startswith(prefix) else None
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
-        elif key.startswith(prefix):
-            problems.append(f"{key}: not a LoRA A/B weight")
-    params = dict(model.named_parameters())
-    updates = []  # (our parameter name, update in fp32)
-    for name, ab in sorted(pairs.items()):
-        if set(ab) != {"lora_A", "lora_B"}:
-            problems.append(f"{name}: has {sorted(ab)}, needs lora_A and lora_B")
-            continue
-        delta = (config["lora_alpha"] / ab["lora_A"].shape[0]) * (ab["lora_B"].float() @ ab["lora_A"].float())
-        try:  # the adapter's module path (HF InternLM2 names) -> our parameter
-            if name.endswith("attention.wqkv"):
-                ours = [weights.map_key(f"{name[:-4]}{p}.weight", INTERNLM2_KEYS) for p in WQKV_PARTS]
-                updates += zip(ours, unpack_wqkv(delta, model.cfg))
-            else:
-                updates.append((weights.map_key(name + ".weight", INTERNLM2_KEYS), delta))
-        except KeyError:
-            problems.append(f"{name}: no such InternLM2 module")
-    for ours, delta in updates:
-        p = params.get(ours)
-        if p is None or tuple(p.shape) != tuple(delta.shape) or not p.is_floating_point():
-            problems.append(f"{ours}: update {list(delta.shape)} does not fit "
-                            f"{'nothing' if p is None else f'{list(p.shape)} {p.dtype}'} (merge before quantizing)")
-    if model.cfg.tie_word_embeddings and any(o == "lm_head.weight" for o, _ in updates):
-        problems.append("output: the head is tied to the embeddings here; its update would change both")
-    if problems:
-        raise weights.CheckpointError(f"adapter {where} does not fit this InternLM2 model:\n  "
-                                      + "\n  ".join(problems[:20]))
-    with torch.no_grad():  # W + (alpha / r) B @ A, summed in fp32 (a bf16 sum would round small updates away)
-        for ours, delta in updates:
-            p = params[ours]
-            p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
-    return sorted(pairs)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def _nf4(w, device=None):
     device = torch.device(device) if device is not None else w.device
     p = bnb.nn.Params4bit(w.detach().to(device), requires_grad=False, blocksize=NF4_BLOCKSIZE,
                           compress_statistics=True, quant_type="nf4")
-    # bitsandbytes quantizes when the parameter moves to a device (env_check.md pitfall 6); doing it here, eagerly,
+    # bitsandbytes quantizes when the parameter moves to a device (not when it is built); doing it here, eagerly,
     # makes the layer usable at once on CPU as on CUDA, and a later module.to(device) only moves the packed bytes
     return p.to(device)
 
@@ -191,12 +191,6 @@ def merge_lora(module):
     return module
 
 
-def lora_state_dict(module):
-    """Only the adapter tensors: {"layers.0.self_attn.q_proj.lora_A.weight": (r, in), "...lora_B.weight": (out, r)}."""
-    return {f"{n}.{ab}.weight": getattr(m, ab).weight for n, m in _lora_layers(module) if m.r > 0
-            for ab in ("lora_A", "lora_B")}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # PEFT adapter files
 
@@ -226,6 +220,11 @@ def save_adapter(module, folder, to_hf_name, r, alpha, dropout, targets, task_ty
     # PEFT's file names drop the adapter name ("default"); the paths are the HF model's, under "base_model.model."
     tensors = {f"base_model.model.{to_hf_name(n)}.{ab}.weight": getattr(m, ab).weight.detach()
                for n, m in layers for ab in ("lora_A", "lora_B")}
+    write_adapter(folder, tensors, r, alpha, dropout, targets, task_type, base_model)
+
+
+def write_adapter(folder, tensors, r, alpha, dropout, targets, task_type=None, base_model=None):
+    """A PEFT adapter folder from its tensors (PEFT's key names) and settings."""
     save_safetensors(tensors, folder, basename="adapter_model")
     write_json(Path(folder) / "adapter_config.json", {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
@@ -235,10 +234,10 @@ def save_adapter(module, folder, to_hf_name, r, alpha, dropout, targets, task_ty
         "layers_to_transform": None, "layers_pattern": None, "lora_bias": False})
 
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$")  # XTuner .pth keeps ".default"
+PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$")  # XTuner .pth keeps ".default"
 
 
-def _read_adapter(src, config):
+def read_adapter(src, config):
     if isinstance(src, dict):
         return src, config
     folder = Path(src)
@@ -262,7 +261,7 @@ def load_adapter(module, src, to_hf_name, prefix="", skip=(), config=None):
     (e.g. skip=["output"] for XTuner's InternLM2 head); so is a LoRA layer the file does not cover.
     """
     where = "<state dict>" if isinstance(src, dict) else str(src)
-    tensors, config = _read_adapter(src, config)
+    tensors, config = read_adapter(src, config)
     config = config or {}
     unsupported = {k: config[k] for k in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
                    if config.get(k)}
@@ -274,7 +273,7 @@ def load_adapter(module, src, to_hf_name, prefix="", skip=(), config=None):
     for key, t in tensors.items():
         if not key.startswith(prefix):
             continue
-        m = _PEFT_KEY.match(key[len(prefix):])
+        m = PEFT_KEY.match(key[len(prefix):])
         if m and m.group(1) in by_hf:
             got[by_hf[m.group(1)], m.group(2)] = t
         elif not (m and (m.group(1) in skip or m.group(1).rpartition(".")[2] in skip)):

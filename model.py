@@ -9,27 +9,16 @@ References: Liu et al., "Visual Instruction Tuning" (LLaVA, 2023) and "Improved 
 Tuning" (LLaVA-1.5, the mlp2x_gelu projector); HF transformers `modeling_llava.py` for the layout of the exported
 folder; XTuner `xtuner/model/llava.py` for the training recipe we reproduce.
 
-This file also holds generation (prefill, then one token at a time from the KV cache; greedy or sampled; left-padded
-batches) and the run folder `model/` that training writes and chat / eval / convert read (SPEC §6).
+This file also holds generation: prefill, then one token at a time from the KV cache; greedy or sampled; left-padded
+batches. Loading and saving whole models (every folder layout) is extras/loader.py.
 """
-
-import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import clip
-import llama
-import lora
-from tokenizer import load_tokenizer
-from weights import CheckpointReader, load_with_table, read_json, save_safetensors, write_json
-
-IMAGE_TOKEN_INDEX = -200  # XTuner's (and LLaVA's) placeholder id for an image position; never a vocabulary id
-IGNORE_INDEX = -100       # label of a position that is not supervised (F.cross_entropy's default ignore_index)
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
 class Projector(nn.Module):
@@ -58,12 +47,10 @@ class LLaVA(nn.Module):
     # ---- images ------------------------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values):
-        """(N, 3, S, S) -> (N, P, C_llm). A vision tower with nothing to train runs without a graph: there is no
-        gradient to compute through it (XTuner builds one anyway; SPEC §3)."""
-        vision_trains = self.training and any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
-            dtype = self.vision.embeddings.patch_embedding.weight.dtype
-            feats = self.vision(pixel_values.to(dtype), select_layer=self.select_layer)  # (N, P, C_vis)
+        """(N, 3, S, S) -> (N, P, C_llm). A frozen tower builds no graph by itself: none of its inputs or
+        weights require a gradient, so autograd records nothing until the projector."""
+        feats = self.vision(pixel_values.to(self.vision.embeddings.patch_embedding.weight.dtype),
+                            select_layer=self.select_layer)                              # (N, P, C_vis)
         return self.projector(feats.to(self.projector.linear_1.weight.dtype))            # (N, P, C_llm)
 
     def embed(self, input_ids, pixel_values=None):
@@ -85,8 +72,9 @@ class LLaVA(nn.Module):
         """Summed next-token cross-entropy over the supervised positions, and their count.
 
         Returning the sum (not the mean) lets train.py divide by the token count of the whole optimizer step, so
-        every supervised token weighs the same whatever the micro-batch and accumulation split (SPEC §3).
-        Packed rows (data.collate_packed) also give position_ids and segment_ids (B, T): each sample then restarts
+        every supervised token weighs the same whatever the micro-batch and accumulation split (XTuner instead
+        averages per-micro-batch means, which weighs a token by its batch's size).
+        Packed rows (extras/packing.py) also give position_ids and segment_ids (B, T): each sample then restarts
         its RoPE positions at 0 and attends only to itself (Llama.forward)."""
         hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), positions=position_ids,
                           segment_ids=segment_ids)  # (B, T, C)
@@ -157,8 +145,8 @@ class GraphedDecodeStep:
     """decode_step replayed from a CUDA graph: `generate(..., step_fn=GraphedDecodeStep())` on a GPU.
 
     An eager decode step of an 8B Llama launches about a thousand small kernels and the GPU waits on Python between
-    them; a graph launches them all at once, so a step costs about its kernels' own time (batch 1 on an H100: 30
-    tok/s eager, 100 tok/s replayed; bench/chat_bench.py). After `llm.compile_blocks()` the graph replays the
+    them; a graph launches them all at once, so a step costs about its kernels' own time (BENCHMARKS.md compares the
+    two). After `llm.compile_blocks()` the graph replays the
     compiled blocks, whose fused kernels are fewer still. The graph is captured on the first call and again
     whenever the KV cache was rebuilt (another batch or length): it reads and writes the cache buffers it was
     captured on, and its inputs are copied into its own static tensors before each replay. It also reads the
@@ -276,183 +264,7 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run folder: model/ = llava.json + projector.safetensors + adapters or a full LLM (SPEC §6)
+# LoRA targets: every linear of a decoder block, every linear of a CLIP layer (XTuner's find_all_linear_names)
 
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def save_model(model, folder, cfg):
-    """Write the trainable part of `model` and the config that names everything else.
-
-    cfg (llava.json) names the base LLM and vision folders, template, select layer, image mode and size, projector
-    sizes, the LLM mode (frozen | frozen-nf4 | full | lora | qlora) with its LoRA settings, and the vision LoRA."""
-    if model.llm.fused:
-        raise ValueError("save_model: the LLM's projections were fused for inference (Llama.fuse_projections); "
-                         "save the model before fusing it")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if model.projector is not None:  # a text-only model (cfg "vision": None) has none
-        save_safetensors(model.projector.state_dict(), folder, basename="projector")
-    to_llm_hf, _ = lora.hf_name_mapper(llama.HF_KEYS)
-    to_vis_hf, _ = lora.hf_name_mapper(clip.HF_KEYS)
-    if cfg.get("llm_lora"):
-        c = cfg["llm_lora"]
-        lora.save_adapter(model.llm, folder / "llm_adapter", to_llm_hf, c["r"], c["alpha"], c["dropout"],
-                          c["targets"], task_type="CAUSAL_LM", base_model=cfg["llm"])
-    if cfg.get("llm_mode") == "full":
-        llama.save_llama(model.llm, folder / "llm", dtype=DTYPES[cfg.get("dtype", "bfloat16")])
-        _copy_tokenizer(cfg["llm"], folder / "llm")
-    if cfg.get("vision_lora"):
-        c = cfg["vision_lora"]
-        lora.save_adapter(model.vision, folder / "vision_adapter", to_vis_hf, c["r"], c["alpha"], c["dropout"],
-                          c["targets"], base_model=cfg["vision"])
-    write_json(folder / "llava.json", cfg)
-
-
-def _copy_tokenizer(src, dst):
-    import shutil
-    src, dst = Path(src), Path(dst)
-    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "generation_config.json", "original/tokenizer.model"]:
-        if (src / name).exists():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / name, dst / name)
-
-
-def build_model(cfg, dtype=torch.bfloat16, device="cpu", llm_path=None):
-    """Base CLIP + base (or finetuned) Llama + a fresh projector, as llava.json describes them (no adapters yet);
-    the Llama alone when cfg["vision"] is None (a text-only run)."""
-    llm = llama.load_llama(llm_path or cfg["llm"], dtype=dtype, device=device)
-    if cfg.get("vision") is None:
-        return LLaVA(None, None, llm)
-    vision = clip.load_clip(cfg["vision"], dtype=dtype, device=device)
-    p = cfg["projector"]
-    projector = Projector(p["in"], p["out"], p["hidden"]).to(device=device, dtype=dtype)
-    return LLaVA(vision, projector, llm, cfg.get("select_layer", -2))
-
-
-def latest_model_dir(runs="runs"):
-    link = Path(runs) / "latest"
-    if not link.exists():
-        raise FileNotFoundError(
-            f"no trained model found at {link}. Train one first (e.g. `make demo`, or `python train.py @recipes/...`), "
-            f"or pass --model DIR (a run's model/ folder, an HF LLaVA folder, or an XTuner / official LLaVA export).")
-    return link.resolve()
-
-
-def load_model(folder=None, dtype=torch.bfloat16, device="cpu"):
-    """Load a trained LLaVA for inference: (model, tokenizer, cfg). `folder` defaults to runs/latest.
-
-    Reads our run folder (llava.json), the HF transformers LLaVA folder and a plain LLM folder (Llama or InternLM2:
-    a text-only model, e.g. `convert.py --to llm`'s merged output, whose cfg names no template); convert.py reads the
-    other layouts."""
-    folder = Path(folder) if folder else latest_model_dir()
-    if (folder / "model" / "llava.json").exists():  # a run folder was given instead of its model/
-        folder = folder / "model"
-    if (folder / "llava.json").exists():
-        return _load_run_model(folder, dtype, device)
-    kind = read_json(folder / "config.json").get("model_type") if (folder / "config.json").exists() else None
-    if kind == "llava":
-        return load_hf_llava(folder, dtype, device)
-    if kind in LLM_MODEL_TYPES and not (folder / "projector").is_dir():  # (XTuner puts a full LLM next to one)
-        return load_llm(folder, dtype, device)
-    import convert  # XTuner and official LLaVA layouts
-    return convert.load_any(folder, dtype=dtype, device=device)
-
-
-def _load_run_model(folder, dtype, device):
-    cfg = read_json(folder / "llava.json")
-    full = cfg.get("llm_mode") == "full"
-    model = build_model(cfg, dtype, device, llm_path=folder / "llm" if full else None)
-    if model.projector is not None:
-        load_with_table(model.projector, CheckpointReader(folder / "projector.safetensors"), PROJECTOR_KEYS, dtype)
-    if cfg.get("llm_lora"):
-        c = cfg["llm_lora"]
-        lora.inject_lora(model.llm, c["targets"], c["r"], c["alpha"], 0.0, nf4=cfg.get("llm_mode") == "qlora")
-        lora.load_adapter(model.llm, folder / "llm_adapter", lora.hf_name_mapper(llama.HF_KEYS)[0])
-    elif cfg.get("llm_mode") == "frozen-nf4":
-        lora.quantize_nf4(model.llm, LLM_LORA_TARGETS)
-    if cfg.get("vision_lora"):
-        c = cfg["vision_lora"]
-        lora.inject_lora(model.vision, c["targets"], c["r"], c["alpha"], 0.0)
-        lora.load_adapter(model.vision, folder / "vision_adapter", lora.hf_name_mapper(clip.HF_KEYS)[0])
-    model.to(device).eval()
-    tok = load_tokenizer(folder / "llm" if full else cfg["llm"])
-    return model, tok, cfg
-
-
-LLM_MODEL_TYPES = ("llama", "internlm2")  # config.json model_type of the LLM folders llama.load_llama reads
-
-
-def load_llm(folder, dtype=torch.bfloat16, device="cpu"):
-    """A plain LLM folder as a text-only model: (LLaVA with no vision, tokenizer, cfg). The folder does not say
-    which chat template it was trained with, so cfg["template"] is None: the caller must be told (chat.py
-    --template), never guess."""
-    llm = llama.load_llama(folder, dtype=dtype, device=device)
-    cfg = {"llm": str(folder), "vision": None, "template": None, "llm_mode": "full", "llm_lora": None,
-           "vision_lora": None, "image_tokens": 0}
-    return LLaVA(None, None, llm).eval(), load_tokenizer(folder), cfg
-
-
-# projector.safetensors holds our own names (the key table is the identity)
-PROJECTOR_KEYS = {f"linear_{i}.{p}": f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
-
-
-# ---- the HF transformers LlavaForConditionalGeneration folder ------------------------------------------------------
-
-
-def hf_llava_keys(new_layout=False, vision_table=clip.HF_KEYS):
-    """Key table of an HF LLaVA folder. `save_pretrained` writes the pre-4.52 layout (`language_model.model.*`,
-    `vision_tower.*`); transformers >= 4.52 holds `model.language_model.*` in memory and some repos store that.
-    Inside the tower, checkpoints written by transformers < 5.23 say `vision_model.*`, newer ones drop that level
-    (`vision_table=clip.HF_KEYS_UNPREFIXED`); we write the older spelling, which every version reads."""
-    if new_layout:
-        text = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
-                for k, v in llama.HF_KEYS.items()}
-        vis, proj = "model.vision_tower.", "model.multi_modal_projector."
-    else:
-        text = {"language_model." + k: v for k, v in llama.HF_KEYS.items()}
-        vis, proj = "vision_tower.", "multi_modal_projector."
-    table = {k: (None if v is None else "llm." + v) for k, v in text.items()}
-    table.update({vis + k: (None if v is None else "vision." + v) for k, v in vision_table.items()})
-    for i in (1, 2):
-        for p in ("weight", "bias"):
-            table[f"{proj}linear_{i}.{p}"] = f"projector.linear_{i}.{p}"
-    return table
-
-
-def load_hf_llava(folder, dtype=torch.bfloat16, device="cpu"):
-    folder = Path(folder)
-    hf = read_json(folder / "config.json")
-    vcfg = clip.CLIPConfig.from_hf_config(hf["vision_config"])
-    tcfg = llama.LlamaConfig.from_hf_config(hf["text_config"])
-    select = hf.get("vision_feature_layer", -2)
-    if hf.get("vision_feature_select_strategy", "default") != "default":
-        raise ValueError(f"{folder}: vision_feature_select_strategy {hf['vision_feature_select_strategy']!r} is not "
-                         "supported (LLaVA-1.5 drops CLS: 'default')")
-    with torch.device("meta"):
-        model = LLaVA(clip.CLIPVisionTower(vcfg), Projector(vcfg.hidden_size, tcfg.hidden_size),
-                      llama.Llama(tcfg), select)
-    reader = CheckpointReader(folder)
-    keys = reader.keys()
-    new = any(k.startswith("model.language_model.") for k in keys)
-    vis = "model.vision_tower." if new else "vision_tower."
-    vision_table = clip.table_for([k[len(vis):] for k in keys if k.startswith(vis)])
-    table = hf_llava_keys(new, vision_table)
-    if tcfg.tie_word_embeddings:  # one shared matrix, stored as the embedding (as llama.load_llama does)
-        del model.llm.lm_head.weight
-        table = {k: (None if v == "llm.lm_head.weight" else v) for k, v in table.items()}
-    load_with_table(model, reader, table, dtype=dtype, device=device)
-    if tcfg.tie_word_embeddings:
-        model.llm.lm_head.weight = model.llm.embed_tokens.weight
-    model.llm.init_rope(device)
-    model.eval()
-    tok = load_tokenizer(folder)
-    cfg = {"layout": "hf", "template": "llama3_chat", "select_layer": select, "image_mode": "pad",
-           "image_size": vcfg.image_size, "image_tokens": vcfg.num_patches,
-           "image_token_index": hf.get("image_token_index")}
-    return model, tok, cfg

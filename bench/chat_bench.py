@@ -33,7 +33,7 @@ def extra_args(p):
                         "(comma-separated variants; a bare --profile: every variant)")
     p.add_argument("--variants", default="eager,cuda_graph,cuda_graph_sync8,compiled_sync8",
                    help="ours, run in this order on one model; a name is words joined by _: eager (no graph) or "
-                        "cuda_graph (GraphedDecodeStep) or compiled (Llama.compile_blocks + CLIP compile_layers, "
+                        "cuda_graph (GraphedDecodeStep) or compiled (Llama.compile_blocks + compiled CLIP layers, "
                         "and GraphedDecodeStep), then optionally fused (Llama.fuse_projections), sync8 "
                         "(generate(sync_every=8)). Compiling and fusing last for good, so variants without them "
                         "come first, e.g. compiled_sync8,compiled_fused_sync8")
@@ -154,7 +154,8 @@ def run_ours(args, P, vcfg, lcfg):
             net.llm.fuse_projections()  # compiled blocks recompile for the new layers (dynamo guards on them)
         if v["compiled"] and not compiled:
             net.llm.compile_blocks()
-            net.vision.compile_layers()
+            for layer in net.vision.layers:  # the CLIP layers, compiled like the decoder blocks
+                layer.compile()
             compiled = True
         step_fn = M.GraphedDecodeStep() if v["graph"] and graphs else None  # captured anew on the model as it is now
         sync_every = v["sync_every"]

@@ -1,4 +1,4 @@
-"""Test environment: offline, CPU, no stale caches (see ../shared/reference/env_check.md, pitfalls 2, 7, 10, 11)."""
+"""Test environment: offline, CPU, no stale caches, and launch variables that do not leak from one test to the next."""
 import os
 import socket
 import tempfile

@@ -25,6 +25,7 @@ import clip
 import llama
 import model as llava
 from tokenizer import load_tokenizer
+from extras import loader
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP_NAMES = ("<|eot_id|>", "<|end_of_text|>")
@@ -72,7 +73,7 @@ def run(tmp_path_factory):
            "image_mode": "pad", "image_size": vcfg.image_size, "image_tokens": vcfg.num_patches,
            "projector": {"in": vcfg.hidden_size, "hidden": lcfg.hidden_size, "out": lcfg.hidden_size},
            "llm_mode": "frozen", "llm_lora": None, "vision_lora": None, "dtype": "float32"}
-    llava.save_model(llava.LLaVA(vision, projector, llm), root / "run" / "model", cfg)
+    loader.save_model(llava.LLaVA(vision, projector, llm), root / "run" / "model", cfg)
 
     image = root / "photo.png"
     Image.new("RGB", (80, 50), (200, 30, 40)).save(image)
@@ -184,7 +185,7 @@ def test_two_turns_continue_the_cache_and_equal_a_from_scratch_decode(run, calls
 
     # ... and answers exactly what greedy decoding of the whole history from scratch answers
     pixels = clip.preprocess(clip.load_image(image), 64, pad_to_square=True)[None]
-    model, _, _ = llava.load_model(model_dir, dtype=torch.float32)
+    model, _, _ = loader.load_model(model_dir, dtype=torch.float32)
     assert second["answer"] == greedy_full_forward(model, history, pixels, n, stops)
     # that reference can tell a broken continuation: a cache that lost turn 1, held another question, or missed
     # the <|eot_id|> that closed answer 1 would answer differently

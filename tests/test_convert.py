@@ -22,8 +22,10 @@ import data
 import llama
 import lora
 import model as M
-from tokenizer import load_tokenizer, write_hf_tokenizer
+from tokenizer import load_tokenizer
+from extras.hf_tokenizer import write_hf_tokenizer
 from weights import read_json
+from extras import loader
 
 VOCAB = 128_256
 IMAGE_ID, PAD_ID, PADDED_VOCAB = 128_257, 128_258, 128_320  # xtuner/llava-llama-3-8b-v1_1-transformers
@@ -71,7 +73,7 @@ def make_run(bases, folder, llm_mode="lora", vision_lora=True, seed=1):
            "llm_lora": lora_cfg(M.LLM_LORA_TARGETS) if llm_mode in ("lora", "qlora") else None,
            "vision_lora": lora_cfg(M.VISION_LORA_TARGETS) if vision_lora else None, "dtype": "float32"}
     torch.manual_seed(seed)
-    m = M.build_model(cfg, dtype=torch.float32)
+    m = loader.build_model(cfg, dtype=torch.float32)
     if cfg["llm_lora"]:
         lora.inject_lora(m.llm, M.LLM_LORA_TARGETS, 4, 8, 0.05, nf4=llm_mode == "qlora")
     if vision_lora:
@@ -80,7 +82,7 @@ def make_run(bases, folder, llm_mode="lora", vision_lora=True, seed=1):
         for name, p in m.named_parameters():
             if "lora_" in name or name.startswith("projector.") or (llm_mode == "full" and name.startswith("llm.")):
                 p.add_(torch.randn_like(p) * 0.2)
-    M.save_model(m, folder, cfg)
+    loader.save_model(m, folder, cfg)
     return folder
 
 
@@ -133,7 +135,7 @@ def test_hf_export_loads_in_transformers_with_our_logits_tokens_and_ids(lora_run
     assert hf.config.image_token_id == IMAGE_ID and hf.config.text_config.vocab_size == PADDED_VOCAB
     hf.eval()
 
-    ours, tok, _ = M.load_model(lora_run, dtype=torch.float32)
+    ours, tok, _ = loader.load_model(lora_run, dtype=torch.float32)
     ids, pixels = inputs(tok)
     hf_ids, _ = inputs(tok, hf_ids=True)
     with torch.no_grad():
@@ -172,7 +174,7 @@ def test_adapters_load_in_peft_and_give_our_outputs(bases, lora_run, full_run, t
     # transformers 5's CLIPVisionModel has no `vision_model` level, and PEFT matches keys against the module tree
     assert "base_model.model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in \
         keys_of(tmp_path / "ad" / "vision_adapter" / "adapter_model.safetensors")
-    ours, tok, _ = M.load_model(lora_run, dtype=torch.float32)
+    ours, tok, _ = loader.load_model(lora_run, dtype=torch.float32)
     ids, pixels = inputs(tok)
     ids = ids.clamp(min=0)
 
@@ -195,7 +197,7 @@ def test_llm_and_clip_exports_load_in_transformers(lora_run, tmp_path):
 
     assert run(lora_run, "--to", "llm", "--out", tmp_path / "llm", "--fp32") == 0
     assert run(lora_run, "--to", "clip", "--out", tmp_path / "clip", "--fp32") == 0
-    ours, tok, _ = M.load_model(lora_run, dtype=torch.float32)
+    ours, tok, _ = loader.load_model(lora_run, dtype=torch.float32)
     ids, pixels = inputs(tok)
     ids = ids.clamp(min=0)
     hf_llm, info = LlamaForCausalLM.from_pretrained(tmp_path / "llm", output_loading_info=True)
@@ -321,7 +323,7 @@ class MessageHub:
 def xtuner_state(bases):
     """An XTuner LoRA finetune's trainable state: the projector, LLM LoRA on q/v, ViT LoRA on q/fc1 (r 4)."""
     torch.manual_seed(5)
-    m = M.build_model({"llm": str(bases / "llm"), "vision": str(bases / "vision"),
+    m = loader.build_model({"llm": str(bases / "llm"), "vision": str(bases / "vision"),
                        "projector": {"in": 32, "hidden": 32, "out": 32}}, dtype=torch.float32)
     lora.inject_lora(m.llm, ["q_proj", "v_proj"], 4, 16, 0.0)
     lora.inject_lora(m.vision, ["q_proj", "fc1"], 4, 16, 0.0)
@@ -330,7 +332,7 @@ def xtuner_state(bases):
                      for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias"))
     for prefix, part, table in (("llm.", m.llm, llama.HF_KEYS), ("visual_encoder.", m.vision, clip.HF_KEYS)):
         to_hf = lora.hf_name_mapper(table)[0]
-        for name, t in lora.lora_state_dict(part).items():
+        for name, t in ((n, t) for n, t in part.state_dict().items() if '.lora_' in n):
             module, ab, _ = name.rsplit(".", 2)
             sd[f"{prefix}base_model.model.{to_hf(module)}.{ab}.default.weight"] = t.detach().clone()
     assert "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in sd
@@ -352,7 +354,7 @@ def test_xtuner_pth_file_and_deepspeed_folder_are_read_without_running_code(base
     base = ["--llm", bases / "llm", "--vision", bases / "vision", "--fp32"]
     assert run(pth, "--to", "xtuner", "--out", tmp_path / "x", *base) == 0
     assert run(ds, "--to", "llm", "--out", tmp_path / "ds_llm", *base) == 0
-    assert convert.read_projector(ds).keys() == {"linear_1.weight", "linear_1.bias", "linear_2.weight",
+    assert loader.read_projector(ds).keys() == {"linear_1.weight", "linear_1.bias", "linear_2.weight",
                                                  "linear_2.bias"}
     assert not any(f.exists() for f in flags), "unpickling ran code from the file"
 
@@ -388,11 +390,11 @@ def test_xtuner_projector_folder_reads(xtuner_state, tmp_path):
                                         '"visual_hidden_size": 32, "llm_hidden_size": 32, "depth": 2}')
     save_file({k[len("projector."):]: v for k, v in xtuner_state.items() if k.startswith("projector.")},
               folder / "model.safetensors")
-    got = convert.read_projector(folder)
+    got = loader.read_projector(folder)
     assert got.keys() == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
     assert torch.equal(got["linear_1.weight"], xtuner_state["projector.model.0.weight"])
     assert torch.equal(got["linear_2.bias"], xtuner_state["projector.model.2.bias"])
-    assert torch.equal(convert.read_projector(tmp_path)["linear_2.weight"], xtuner_state["projector.model.2.weight"])
+    assert torch.equal(loader.read_projector(tmp_path)["linear_2.weight"], xtuner_state["projector.model.2.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""data.py tests. Every expected id comes from a reference built here, independently of data.py:
+"""data.py tests (and tools/check_data.py's). Every expected id comes from a reference built here, independently
+of data.py:
 
-* Llama-3: the sequence structure (control tokens, image runs, label masks) is written by hand from SPEC §2 and
-  ../shared/reference/xtuner_llava_behaviour.md §2.4, with each control id a commented constant; the ids of each
-  text piece come from tiktoken's own Encoding over Meta's tokenizer.model (llama-models 0.3.0), plain encoding.
+* Llama-3: the sequence structure (control tokens, image runs, label masks) is written by hand from XTuner's
+  llama3_chat template and encode_fn (BOS once, prompt -100, answer + <|eot_id|> supervised), with each control id
+  a commented constant; the ids of each text piece come from tiktoken's own Encoding over Meta's tokenizer.model
+  (llama-models 0.3.0), plain encoding.
 * vicuna / internlm2: sentencepiece itself, on a tiny model trained here.
-* the length-grouped sampler: a small case worked out by hand from XTuner's algorithm (reference §2.7).
+* the length-grouped sampler: a small case worked out by hand from XTuner's get_length_grouped_indices.
 """
 
 import json
@@ -24,8 +26,9 @@ from PIL import Image
 from tiktoken.load import load_tiktoken_bpe  # TIKTOKEN_CACHE_DIR="" (tests/conftest.py): no stale cache
 
 import data
-from data import IGNORE_INDEX as IGN, IMAGE_TOKEN_INDEX as IMG, Turn
-from tokenizer import SentencePieceTokenizer, TiktokenTokenizer
+from data import Turn
+from tokenizer import IGNORE_INDEX as IGN, IMAGE_TOKEN_INDEX as IMG, SentencePieceTokenizer, TiktokenTokenizer
+from tools import check_data
 
 LLAMA3_MODEL = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 BOS = 128000  # <|begin_of_text|>
@@ -85,7 +88,7 @@ def gpt(v):
 
 
 def test_reference_ids(ref):
-    # reference §2.4: "\n\n" = 271, "user" = 882, "assistant" = 78191
+    # the Llama-3 ids of the template's text pieces: "\n\n" = 271, "user" = 882, "assistant" = 78191
     assert ref.encode_ordinary("\n\n") == [271]
     assert ref.encode_ordinary("user") == [882] and ref.encode_ordinary("assistant") == [78191]
 
@@ -378,26 +381,31 @@ def test_dataset_bad_data(tok, bad_folder):
                            log=logged.append)
     assert ds.record_ids == ["good", *FAILS_TO_LOAD, "text_only", "one_pixel", "strip"]
     lines = {json.loads(line)["id"]: i + 1 for i, line in enumerate(path.read_text().splitlines())}
-    assert {p.id: p.line for p in ds.problems} == {rid: lines[rid] for rid in DROPPED}
-    for p in ds.problems:
+    # every dropped record is kept, with its 0-based index in the file (one record a line here) and its line
+    assert {p.id: (p.index, p.line) for p in ds.problems()} == {rid: (lines[rid] - 1, lines[rid]) for rid in DROPPED}
+    for p in ds.problems():
         assert DROPPED[p.id] in p.reason and p.file == str(path)
     st = ds.stats
     assert (st["records"], st["bad_record"], st["too_long"], st["no_supervised"], st["kept"]) == (13, 4, 1, 1, 7)
     assert "13 records -> 7 samples" in logged[0] and "dropped 6" in logged[0]  # reported, not silent
+    # the log names the first 5 and the total; problems() has them all
+    assert logged[0].splitlines()[1:] == [f"  {p}" for p in ds.problems()[:5]] + ["  ... and 1 more (6 bad records in all)"]
 
     item = ds[0]
     assert item["id"] == "good" and item["pixel_values"].shape == (1, 3, 28, 28) and item["replaced"] == []
     assert item["input_ids"].dtype == torch.long and (item["input_ids"] == IMG).sum() == K
-    # an image that fails at load time: a warning naming the record and file, then the next sample that loads
-    with pytest.warns(data.DataWarning) as caught:
-        item = ds[1]
-    assert item["id"] == "text_only" and item["pixel_values"] is None
-    assert [r["id"] for r in item["replaced"]] == FAILS_TO_LOAD
-    messages = [str(w.message) for w in caught]
-    for rid, m in zip(FAILS_TO_LOAD, messages):
-        assert f"record {rid} ({path}:" in m
-    assert "missing.png" in messages[0] and "truncated.jpg" in messages[1] and "not_an_image.jpg" in messages[2]
-    assert ds.n_replaced == 3
+    # an image that fails at load time: a warning naming the record, file and image, then a sample drawn at random
+    # (a draw may hit another bad image, which is then reported too and replaced in turn)
+    for i, rid, image in zip([1, 2, 3], FAILS_TO_LOAD, ["missing.png", "truncated.jpg", "not_an_image.jpg"]):
+        with pytest.warns(data.DataWarning) as caught:
+            item = ds[i]
+        assert item["id"] in {"good", "text_only", "one_pixel", "strip"}
+        assert (item["pixel_values"] is None) == (item["id"] == "text_only")
+        assert item["replaced"][0]["id"] == rid and {r["id"] for r in item["replaced"]} <= set(FAILS_TO_LOAD)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == len(item["replaced"])
+        assert f"record {rid} ({path}:{lines[rid]}): cannot load its image" in messages[0] and image in messages[0]
+    assert ds.unloadable == {1, 2, 3}
     # degenerate but valid images load
     assert ds[5]["pixel_values"].shape == (1, 3, 28, 28) and ds[6]["pixel_values"].shape == (1, 3, 28, 28)
     # the length counts the image positions; text-only lengths are negative (XTuner's modality_length)
@@ -437,10 +445,38 @@ def test_dataloader_workers_and_mix(tok, bad_folder, tmp_path):
                                          collate_fn=partial(data.collate, pad_id=tok.pad_id, image_tokens=K))
     batches = list(loader)  # (the workers' warnings go to their own stderr)
     assert sum(len(b["ids"]) for b in batches) == 8
-    # items 1, 2, 3 fail to load and fall through to the next good sample: 3 + 2 + 1 replacements, which reach
-    # the main process through the batches (a worker's counters and warnings do not)
-    assert sum(len(b["replaced"]) for b in batches) == 6
-    assert [b["ids"] for b in batches][0] == ["good", "text_only", "text_only"]
+    # items 1, 2, 3 fail to load and are replaced: the replaced records reach the main process through the batches
+    # (a worker's counters and warnings do not)
+    assert {r["id"] for b in batches for r in b["replaced"]} == set(FAILS_TO_LOAD)
+    # and the replacements are those this process draws: they depend on the seed and the index, not the worker
+    fresh = data.open_data([f"{path}:{img}", f"{other / 'o.json'}"], tok, image_tokens=K, image_size=28,
+                           max_length=64, log=lambda m: None)
+    assert [i for b in batches for i in b["ids"]] == [fresh[i]["id"] for i in range(8)]
+
+
+@pytest.mark.filterwarnings("ignore::data.DataWarning")
+def test_bad_images_replaced_at_random(tok, tmp_path):
+    """Five bad images in a row: each is replaced by a sample drawn at random, never a known-bad one, the same for
+    a given seed and index whatever was loaded before (DataLoader workers, a resumed run); not by its neighbour."""
+    write_image(tmp_path / "good.png")
+    bad = range(3, 8)
+    records = [{"id": f"r{i}", "image": f"missing{i}.png" if i in bad else "good.png",
+                "conversations": [human("<image>\nWhat is it?"), gpt("A thing.")]} for i in range(20)]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def replacements(seed=0, order=bad):
+        ds = data.LLaVADataset(tmp_path / "r.jsonl", tmp_path, tok, image_tokens=K, image_size=28, max_length=64,
+                               seed=seed, log=lambda m: None)
+        items = {i: ds[i] for i in order}
+        assert all(items[i]["replaced"][0]["id"] == f"r{i}" for i in order)
+        return [items[i]["id"] for i in bad]
+
+    picks = replacements()
+    assert not {f"r{i}" for i in bad} & set(picks)  # every pick loads
+    assert len(set(picks)) > 1  # not one sample trained five more times
+    assert all(pick != f"r{i + 1}" for i, pick in zip(bad, picks))  # not simply the next sample
+    assert replacements(order=reversed(bad)) == picks  # reproducible, whatever failed before
+    assert replacements(seed=1) != picks
 
 
 def test_data_specs(tmp_path):
@@ -560,7 +596,7 @@ def test_check_cli(bad_folder, tmp_path, capsys):
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     shutil.copy(LLAMA3_MODEL, tok_dir / "tokenizer.model")
-    code = data.main(["check", f"{path}:{img}", "--tokenizer", str(tok_dir), "--max-length", "64",
+    code = check_data.main(["check", f"{path}:{img}", "--tokenizer", str(tok_dir), "--max-length", "64",
                       "--image-tokens", str(K), "--workers", "2"])
     out = capsys.readouterr().out.splitlines()
     assert code == 1
@@ -576,7 +612,7 @@ def test_check_cli(bad_folder, tmp_path, capsys):
     assert out[-1].startswith("checked 13 records and 6 images: 9 bad")
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"id": "g", "image": "good.png", "conversations": [human("<image>\nq"), gpt("a")]}))
-    assert data.main(["check", f"{good}:{img}"]) == 0
+    assert check_data.main(["check", f"{good}:{img}"]) == 0
 
 
 def test_show_cli(tok, ref, tmp_path, capsys):
@@ -586,7 +622,7 @@ def test_show_cli(tok, ref, tmp_path, capsys):
     records = [LLAMA3_CASES["multi-turn"][0], LLAMA3_CASES["text-only"][0]]
     path = tmp_path / "r.json"
     path.write_text(json.dumps([{"id": f"s{i}", **r} for i, r in enumerate(records)]))
-    assert data.main(["show", str(path), "--tokenizer", str(tok_dir), "--jsonl"]) == 0
+    assert check_data.main(["show", str(path), "--tokenizer", str(tok_dir), "--jsonl"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [set(r) for r in rows] == [{"id", "input_ids", "labels"}] * 2 and rows[0]["id"] == "s0"
     # XTuner's convention: each image's run of positions is written as a single -200
@@ -595,14 +631,14 @@ def test_show_cli(tok, ref, tmp_path, capsys):
     squeeze = [j for j, x in enumerate(want[0]) if not (x == IMG and want[0][j - 1] == IMG)]
     assert rows[0]["input_ids"] == [want[0][j] for j in squeeze] and rows[0]["input_ids"].count(IMG) == 1
     assert rows[0]["labels"] == [want[1][j] for j in squeeze]
-    assert data.main(["show", str(path), "--tokenizer", str(tok_dir), "--n", "1"]) == 0
+    assert check_data.main(["show", str(path), "--tokenizer", str(tok_dir), "--n", "1"]) == 0
     text = capsys.readouterr().out
     assert "<image x576>" in text and "⟦Two dogs on a sofa.<|eot_id|>⟧" in text and "s1" not in text
 
 
 def xtuner_encode(hf, turns, image_tokens):
-    """XTuner's template_map_fn + encode_fn for llama3_chat, written from reference §2.3-2.4: one HF `encode` of
-    the whole formatted question (split only at "<image>"), one of answer + SUFFIX; BOS once (SUFFIX_AS_EOS)."""
+    """XTuner's template_map_fn + encode_fn for llama3_chat, as XTuner v0.2.0 writes them: one HF `encode` of the
+    whole formatted question (split only at "<image>"), one of answer + SUFFIX; BOS once (SUFFIX_AS_EOS)."""
     ids, labels = [hf.bos_token_id], [IGN]
     for q, a in turns:
         text = ("<|start_header_id|>user<|end_header_id|>\n\n" + q +

@@ -1,9 +1,9 @@
 """eval_mmbench.py: TSV reading, the prompt, letter extraction, CircularEval scoring, bad rows, --score, resume,
 batching and data-parallel sharding.
 
-Expected values are written by hand from XTuner's rules (shared/reference/xtuner_llava_behaviour.md §7), never
-captured from our own output. Most tests need no model: main() takes the model loader as an argument, and a fake
-generator answers from the prompt and the image.
+Expected values are written by hand from the rules of XTuner's `xtuner mmbench`, never captured from our own output.
+Most tests need no model: main() takes the model loader as an argument, and a fake generator answers from the prompt
+and the image.
 """
 
 import base64
@@ -12,13 +12,16 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import socket
 
 import pytest
 from PIL import Image
 
 import eval_mmbench as ev
-from eval_mmbench import EvalError, Question, build_prompt, extract_choice
+import extras.mmbench as mm
+from eval_mmbench import Question, build_prompt
+from extras.mmbench import EvalError, extract_choice
 
 EN = "Answer with the option's letter from the given choices directly."
 CN = "请直接回答选项字母。"
@@ -96,7 +99,7 @@ def fake_generate(prompts, images, calls=None):
 
 
 def fake_loader(calls=None, batches=None):
-    def load(model_dir, device, dtype, max_new_tokens):
+    def load(args, device, dtype):
         def gen(prompts, images):
             if batches is not None:
                 batches.append(len(prompts))
@@ -229,7 +232,7 @@ def test_score_circular_and_categories_by_hand():
 
 
 def test_format_table():
-    text = ev.format_table({"Average": 0.6, "CP": 0.5, "LR": 2 / 3}, " MMBench (x.tsv) ")
+    text = mm.format_table({"Average": 0.6, "CP": 0.5, "LR": 2 / 3}, " MMBench (x.tsv) ")
     lines = text.splitlines()
     assert lines[0] == " MMBench (x.tsv) "
     assert [line.split()[-1] for line in lines if line.split()[0] in ("Average", "CP", "LR")] == \
@@ -296,6 +299,16 @@ def test_missing_model_says_what_to_do(dev_tsv, tmp_path):
         ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "nope")], load_fn=failing_loader)
 
 
+def test_loader_errors_are_one_line_eval_errors(dev_tsv, tmp_path, monkeypatch):
+    # no --model and no runs/latest: the loader's default says what to do
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EvalError, match="(?i)train one first.*--model"):
+        ev.main(["--data", str(dev_tsv)], load_fn=failing_loader)
+    # a folder that holds no model: the real loader's LoadError, as an EvalError naming the folder
+    with pytest.raises(EvalError, match=re.escape(str(tmp_path / "model"))):
+        ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o")])
+
+
 def test_work_dir_of_another_model_is_refused(dev_tsv, tmp_path):
     out = tmp_path / "out"
     ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), "--out", str(out), "--limit", "1"],
@@ -303,6 +316,10 @@ def test_work_dir_of_another_model_is_refused(dev_tsv, tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(EvalError, match="another evaluation.*model"):
         ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "other"), "--out", str(out)], load_fn=fake_loader())
+    # the loader's flags name other weights or another template: also another evaluation
+    with pytest.raises(EvalError, match="another evaluation.*template"):
+        ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), "--out", str(out), "--template",
+                 "vicuna"], load_fn=fake_loader())
 
 
 def test_resume_skips_answered_questions(dev_tsv, tmp_path):
@@ -415,8 +432,8 @@ def tiny_llava_loader():
     cfg = {"template": "llama3_chat", "image_mode": "pad", "image_size": vcfg.image_size,
            "image_tokens": vcfg.num_patches}
 
-    def load(model_dir, device, dtype, max_new_tokens):
-        return ev.make_generator(net, tok, cfg, device, dtype, max_new_tokens), cfg
+    def load(args, device, dtype):
+        return ev.make_generator(net, tok, cfg, device, dtype, args.max_new_tokens), cfg
     return load
 
 

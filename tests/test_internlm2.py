@@ -20,6 +20,7 @@ import llama
 from data import IGNORE_INDEX as IGN
 from data import Turn
 from tokenizer import SentencePieceTokenizer, load_tokenizer
+from extras import internlm2, loader
 
 H, HKV, D = 6, 2, 16  # GQA with 3 query heads per KV head, so the grouping is visible
 C = H * D
@@ -119,7 +120,7 @@ def test_packer_by_hand_is_the_documented_view():
 def test_load_internlm2_equals_transformers_llama(tmp_path):
     hf = hf_model()
     write_internlm2(tmp_path, hf, rope_scaling={"type": "dynamic", "factor": 2.0})
-    ours = llama.load_llama(tmp_path, dtype=torch.float32)
+    ours = loader.load_llm(tmp_path, dtype=torch.float32)
     assert ours.cfg.layout == "internlm2" and ours.cfg.rope_scaling["rope_type"] == "dynamic"
     with torch.no_grad():
         want = hf(IDS).logits
@@ -133,7 +134,7 @@ def test_load_internlm2_equals_transformers_llama(tmp_path):
 def test_linear_rope_scaling_equals_transformers(tmp_path):
     hf = hf_model(rope_scaling={"rope_type": "linear", "factor": 2.0})
     write_internlm2(tmp_path, hf, rope_scaling={"type": "linear", "factor": 2.0})
-    ours = llama.load_llama(tmp_path, dtype=torch.float32)
+    ours = loader.load_llm(tmp_path, dtype=torch.float32)
     with torch.no_grad():
         want = hf(IDS).logits
         plain = hf_model()(IDS).logits
@@ -144,8 +145,8 @@ def test_linear_rope_scaling_equals_transformers(tmp_path):
 def test_save_writes_the_same_packed_tensors(tmp_path):
     hf = hf_model()
     packed = write_internlm2(tmp_path / "base", hf)
-    ours = llama.load_llama(tmp_path / "base", dtype=torch.float32)
-    llama.save_llama(ours, tmp_path / "out", dtype=torch.float32)
+    ours = loader.load_llm(tmp_path / "base", dtype=torch.float32)
+    loader.save_llm(ours, tmp_path / "out", dtype=torch.float32)
     written = load_file(tmp_path / "out" / "model.safetensors")
     assert sorted(written) == sorted(packed)
     for k in packed:
@@ -153,7 +154,7 @@ def test_save_writes_the_same_packed_tensors(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "internlm2" and config["architectures"] == ["InternLM2ForCausalLM"]
     assert (config["num_key_value_heads"], config["bias"]) == (HKV, False)
-    again = llama.load_llama(tmp_path / "out", dtype=torch.float32)
+    again = loader.load_llm(tmp_path / "out", dtype=torch.float32)
     assert torch.equal(logits(again, IDS), logits(ours, IDS))
 
 
@@ -163,7 +164,7 @@ def test_wrong_wqkv_rows_name_the_key(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
     with pytest.raises(Exception, match=r"model\.layers\.0\.attention\.wqkv\.weight"):
-        llama.load_llama(tmp_path, dtype=torch.float32)
+        loader.load_llm(tmp_path, dtype=torch.float32)
 
 
 def xtuner_adapter(base, r, alpha, std=0.3):
@@ -214,22 +215,22 @@ def test_xtuner_adapter_merges(tmp_path):
     r, alpha = 4, 8
     adapter, modules, want = xtuner_adapter(base, r, alpha)
     write_peft(tmp_path / "adapter", adapter, r, alpha)
-    ours = llama.load_llama(tmp_path / "base", dtype=torch.float32)
+    ours = loader.load_llm(tmp_path / "base", dtype=torch.float32)
     assert (logits(ours, IDS) - want).abs().max() > 1e-2  # the adapter matters
-    names = llama.merge_internlm2_adapter(ours, tmp_path / "adapter")
+    names = internlm2.merge_internlm2_adapter(ours, tmp_path / "adapter")
     assert names == modules
     assert (logits(ours, IDS) - want).abs().max() <= 1e-4
     # an XTuner .pth state dict: "llm." prefix and ".default" in the names
     pth = {"llm." + k.replace(".weight", ".default.weight"): v for k, v in adapter.items()}
-    again = llama.load_llama(tmp_path / "base", dtype=torch.float32)
-    llama.merge_internlm2_adapter(again, pth, prefix="llm.", config={"r": r, "lora_alpha": alpha})
+    again = loader.load_llm(tmp_path / "base", dtype=torch.float32)
+    internlm2.merge_internlm2_adapter(again, pth, prefix="llm.", config={"r": r, "lora_alpha": alpha})
     assert torch.allclose(logits(again, IDS), logits(ours, IDS), atol=1e-5)
     # a key that names no InternLM2 module is an error that names it
     bad = {**adapter, "base_model.model.model.layers.0.attention.wz.lora_A.weight": adapter[
         "base_model.model.output.lora_A.weight"], "base_model.model.model.layers.0.attention.wz.lora_B.weight":
         adapter["base_model.model.output.lora_B.weight"]}
     with pytest.raises(Exception, match="attention.wz"):
-        llama.merge_internlm2_adapter(again, bad, config={"r": r, "lora_alpha": alpha})
+        internlm2.merge_internlm2_adapter(again, bad, config={"r": r, "lora_alpha": alpha})
 
 
 def test_convert_merges_xtuner_internlm2_adapters(tmp_path, sp_model):
@@ -257,23 +258,23 @@ def test_convert_merges_xtuner_internlm2_adapters(tmp_path, sp_model):
     r, alpha = 4, 8
     adapter, _, want = xtuner_adapter(base, r, alpha)
     write_peft(folder / "llm_adapter", adapter, r, alpha)
-    m, _, cfg = convert.load_any(folder, dtype=torch.float32, **bases)
+    m, _, cfg = loader.load_model(folder, dtype=torch.float32, **bases)
     assert cfg["llm_mode"] == "full" and not any(isinstance(x, lora.LoRALinear) for x in m.llm.modules())
     assert (logits(m.llm, IDS) - want).abs().max() <= 1e-4
     assert torch.equal(m.projector.linear_2.weight, projector["model.2.weight"])
     assert convert.main([str(folder), "--llm", str(tmp_path / "base"), "--vision", str(tmp_path / "vision"),
                          "--to", "llm", "--out", str(tmp_path / "merged"), "--fp32"]) == 0
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "internlm2"
-    assert (logits(llama.load_llama(tmp_path / "merged", dtype=torch.float32), IDS) - want).abs().max() <= 1e-4
+    assert (logits(loader.load_llm(tmp_path / "merged", dtype=torch.float32), IDS) - want).abs().max() <= 1e-4
 
     # iter_N.pth: trainable keys only, "llm." / "projector." prefixes, ".default" names, alpha 256 not written
     adapter, _, want = xtuner_adapter(base, r, 256, std=0.3 * (alpha / 256) ** 0.5)  # updates of the same size
     state = {"llm." + k.replace(".weight", ".default.weight"): v for k, v in adapter.items()}
     state.update({"projector." + k: v for k, v in projector.items()})
     torch.save({"meta": {"epoch": 1}, "state_dict": state}, tmp_path / "iter_1.pth")
-    m, _, _ = convert.load_any(tmp_path / "iter_1.pth", dtype=torch.float32, **bases)
+    m, _, _ = loader.load_model(tmp_path / "iter_1.pth", dtype=torch.float32, **bases)
     assert (logits(m.llm, IDS) - want).abs().max() <= 1e-4
-    m, _, _ = convert.load_any(tmp_path / "iter_1.pth", dtype=torch.float32, lora_alpha=16, **bases)
+    m, _, _ = loader.load_model(tmp_path / "iter_1.pth", dtype=torch.float32, lora_alpha=16, **bases)
     assert (logits(m.llm, IDS) - want).abs().max() > 1e-2  # so the default alpha is what made it right
 
 
@@ -463,7 +464,7 @@ def test_llava_finetune_recipe_runs_on_an_internlm2_checkpoint(tmp_path, sp_mode
                    "--data", str(records), "--image-folder", str(tmp_path / "images"), "--init-from", str(init),
                    "--micro-batch", "2", "--global-batch", "2", "--max-steps", "1", "--num-workers", "0",
                    "--out", str(tmp_path / "run")])
-    m, tok, cfg = llava.load_model(tmp_path / "run" / "model", dtype=torch.float32)
+    m, tok, cfg = loader.load_model(tmp_path / "run" / "model", dtype=torch.float32)
     assert cfg["template"] == "internlm2_chat" and cfg["llm_lora"]["r"] == 512 and m.llm.cfg.layout == "internlm2"
     assert data.stop_token_ids(tok, cfg["template"]) == [4, 2]  # <|im_end|>, </s>
     ids = data.encode_prompt(tok, cfg["template"], "<image>\nwhat is this?", image_tokens=cfg["image_tokens"])
@@ -542,7 +543,7 @@ def test_sft_qlora_recipe_trains_packed_merges_and_chats(tmp_path, sp_model, one
     assert (tmp_path / "latest").resolve() == (run / "model").resolve()
 
     # LLaVA.forward passes the packing on: a packed row's loss is the sum of its samples' losses computed alone
-    m, tok, cfg = llava.load_model(run / "model", dtype=torch.float32)
+    m, tok, cfg = loader.load_model(run / "model", dtype=torch.float32)
     assert m.vision is None and m.projector is None and m.llm.cfg.layout == "internlm2"
     ds = data.LLaVADataset(msgs, None, tok, "internlm2_chat", max_length=128, log=lambda msg: None)
     packed = data.PackedDataset(ds, 128, seed=0)

@@ -7,6 +7,7 @@ import pytest
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import model as M
+from extras import loader
 
 IMAGE_ID = 250  # the HF model's image token id (inside the tiny vocabulary); ours uses -200 at those positions
 VOCAB = 256
@@ -46,7 +47,7 @@ def _load(folder):
     keys = reader.keys()
     new = any(k.startswith("model.language_model.") for k in keys)
     vis = "model.vision_tower." if new else "vision_tower."
-    table = M.hf_llava_keys(new, clip.table_for([k[len(vis):] for k in keys if k.startswith(vis)]))
+    table = loader.hf_llava_keys(new, clip.table_for([k[len(vis):] for k in keys if k.startswith(vis)]))
     load_with_table(m, reader, table, dtype=torch.float32)
     m.llm.init_rope("cpu")
     return m.eval(), None, None
@@ -238,7 +239,7 @@ def test_fused_projections_generate_the_same_tokens(hf_and_ours, tmp_path):
     assert M.generate(base, prompts, pixels, max_new_tokens=10, sync_every=4) == want
     assert M.generate(base, prompts[1:], pixels[1:], max_new_tokens=10) == alone
     with pytest.raises(ValueError, match="fuse_projections"):
-        M.save_model(base, tmp_path / "model", {"llm_mode": "frozen"})
+        loader.save_model(base, tmp_path / "model", {"llm_mode": "frozen"})
 
 
 class FakeCUDAGraph:

@@ -18,14 +18,8 @@ import sentencepiece as spm
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe  # TIKTOKEN_CACHE_DIR="" (tests/conftest.py): no stale cache
 
-from tokenizer import (
-    MAX_RUN,
-    SentencePieceTokenizer,
-    TiktokenTokenizer,
-    load_tokenizer,
-    split_long_runs,
-    write_hf_tokenizer,
-)
+from extras.hf_tokenizer import write_hf_tokenizer
+from tokenizer import MAX_RUN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer, split_long_runs
 
 LLAMA3_MODEL = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
