@@ -28,7 +28,8 @@ import torch
 import clip
 import data
 from extras import loader
-from model import GraphedDecodeStep, generate
+from extras.fast_inference import GraphedDecodeStep, fuse_projections, unfusable_projections
+from model import generate
 
 
 class Conversation:
@@ -53,8 +54,8 @@ class Conversation:
                 # q/k/v and gate/up each read as one matrix (an adapter run keeps its LoRA / NF4 layers apart),
                 # compiled blocks (prefill and decode), the decode step replayed from a CUDA graph, and tokens
                 # brought to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
-                if not model.llm.unfusable_projections():
-                    model.llm.fuse_projections()
+                if not unfusable_projections(model.llm):
+                    fuse_projections(model.llm)
                 model.llm.compile_blocks()
                 self.step_fn, self.sync_every = GraphedDecodeStep(), 4
         self.image = None
@@ -85,10 +86,12 @@ class Conversation:
 
     def ask(self, text):
         first = self.turns == 0
-        # the attached image opens the first turn; typed text, `<image>` included, stays text
-        ids = data.encode_prompt(self.tok, self.template, text, system=self.args.system if first else None,
-                                 first_turn=first, image_tokens=self.cfg.get("image_tokens", 576),
-                                 image=first and self.image is not None)
+        # the attached image opens the first turn (as XTuner's chat puts it); typed text, `<image>` included, stays
+        # text: only the first placeholder, the one put here, becomes image positions
+        image = first and self.image is not None
+        ids = data.encode_prompt(self.tok, self.template, "<image>\n" + text if image else text,
+                                 system=self.args.system if first else None, first_turn=first,
+                                 image_tokens=self.cfg.get("image_tokens", 576), images=int(image))
         if not first:
             # the previous answer's last token was sampled but never fed: it opens this turn's prefill
             ids = self.carry + ids

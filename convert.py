@@ -42,8 +42,8 @@ import clip
 import data
 import lora
 import llama
-import train
 from extras import internlm2, loader
+from extras.checkpoint import export_checkpoint
 from extras.hf_tokenizer import write_hf_tokenizer
 from extras.xtuner import OFFICIAL_KEYS, XTUNER_PROJECTOR_KEYS
 from tokenizer import TiktokenTokenizer
@@ -282,7 +282,7 @@ def convert(args):
     if not src.exists():
         raise ConvertError(f"no model at {src}: train one first (make demo) or name the source")
     if (src / "trainer_state.json").exists() or (src / "checkpoints").is_dir():
-        args.model = str(train.export_checkpoint(src))  # a train.py checkpoint: its model/ folder first
+        args.model = str(export_checkpoint(src))  # a train.py checkpoint: its model/ folder first
     dtype = torch.float32 if args.fp32 else torch.bfloat16
     model, tok, cfg = loader.load_from_args(args, dtype=torch.float32)
     if model.vision is None and args.to not in ("llm", "adapters"):
@@ -303,8 +303,7 @@ def convert(args):
     if args.verify and not check:
         print(f"--verify compares whole models; it does not apply to --to {args.to}")
     if check:
-        back = out / "llm_adapter" if args.to == "adapters" else out
-        back, tok2, _ = loader.load_model(back, dtype=torch.float32, llm=args.llm, vision=args.vision,
+        back, tok2, _ = loader.load_model(out, dtype=torch.float32, llm=args.llm, vision=args.vision,
                                           template=cfg["template"], lora_alpha=args.lora_alpha)
         kept = args.to in ("xtuner", "adapters") and nf4
         print("verify: " + ("the export on its NF4 base, against the trained model on its NF4 base" if kept else

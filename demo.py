@@ -321,7 +321,7 @@ def default_image_size():
 
 
 # The sizes `make demo` uses; the training recipes run one epoch over them (recipes/demo-*.args).
-# No text-only records by default: the finetune sampler (XTuner's, data.LengthGroupedSampler) keeps each modality
+# No text-only records by default: the finetune sampler (XTuner's, extras.samplers.LengthGroupedSampler) keeps each modality
 # in megabatches of 50 x 16 samples, so text-only records come either as a block of 50 text-only steps (which, at
 # the demo's high lr, set the picture questions back: benchmark 0.51 with 816 of them, 0.66 without, same 400
 # steps) or, when fewer, all at the very end of the epoch, where the lr is ~0 and they are never learned.

@@ -8,8 +8,8 @@
   Llama-3.1's "llama3" frequency scaling is supported. SwiGLU MLP (Shazeer 2020, arXiv:2002.05202).
 - Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245) through F.scaled_dot_product_attention, with a
   preallocated static-shape KV cache (the gpt-fast design) so that a decode step can be torch.compile'd.
-- Inference only, for decode speed: `Llama.fuse_projections()` stacks q/k/v and gate/up into one matrix each
-  (gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`). The unfused model's parameter names stay HF's.
+- Inference only, for decode speed: extras/fast_inference.py can stack q/k/v and gate/up into one matrix each
+  (gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`); forward then takes one GEMM for them.
 
 Module names follow HF's `LlamaForCausalLM` (minus its `model.` prefix) so that LoRA targets and PEFT adapter keys
 match. References: transformers/models/llama/modeling_llama.py and modeling_rope_utils.py (the numerics we match),
@@ -183,15 +183,6 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def stack_linears(*linears):
-    """One bias-free nn.Linear whose output is the outputs of `linears` side by side: their weights stacked by rows
-    (a new tensor; the caller drops the old layers, so the memory is not doubled). Inference only: frozen."""
-    w = torch.cat([m.weight.detach() for m in linears])  # (sum of out_features, in_features)
-    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-    fused.weight = nn.Parameter(w, requires_grad=False)
-    return fused
-
-
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -201,12 +192,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, cfg.num_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(C, cfg.num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * D, C, bias=False)
-        self.qkv_proj = None     # q_proj, k_proj, v_proj stacked into one layer by fuse_projections (inference)
+        self.qkv_proj = None     # q_proj, k_proj, v_proj stacked into one (extras/fast_inference.py)
         self.cache = None        # a KVCache after Llama.setup_cache
-
-    def fuse_projections(self):
-        self.qkv_proj = stack_linears(self.q_proj, self.k_proj, self.v_proj)  # (H + 2 Hkv) D rows: [q | k | v]
-        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         B, T, _ = x.shape
@@ -234,11 +221,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = None  # gate_proj and up_proj stacked into one layer by fuse_projections (inference)
-
-    def fuse_projections(self):
-        self.gate_up_proj = stack_linears(self.gate_proj, self.up_proj)  # 2 x intermediate rows: [gate | up]
-        del self.gate_proj, self.up_proj
+        self.gate_up_proj = None  # gate_proj and up_proj stacked into one (extras/fast_inference.py)
 
     def forward(self, x):
         if self.gate_up_proj is None:
@@ -279,7 +262,7 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False  # or True (every block), or an int k: the first k blocks
-        self.fused = False  # True after fuse_projections: an inference-only layout, neither saved nor trained
+        self.fused = False  # True after extras.fast_inference.fuse_projections: neither saved nor trained
         self.init_rope()
 
     def compile_blocks(self, **compile_kwargs):
@@ -294,38 +277,6 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.compile(**compile_kwargs)
         return self
-
-    def fuse_projections(self):
-        """Inference only: in every block, stack q_proj, k_proj, v_proj into one `qkv_proj` and gate_proj, up_proj
-        into one `gate_up_proj`, in place; returns self. Same outputs (each output row is the same dot product).
-
-        Batch-1 decode reads every weight once per token, so its speed is the GEMVs' memory bandwidth, and a small
-        GEMV streams worse than a large one (BENCHMARKS.md measures the 1024-row k_proj / v_proj). Two GEMVs per block instead of five, and fewer kernel launches.
-        The old weights are freed. Parameter names change (no checkpoint has these keys), so a fused model is not
-        for saving (save_llama refuses it) or training (train() refuses it): load the model again for that.
-        LoRA and NF4 layers cannot be stacked (see unfusable_projections); merge them first (lora.merge_lora).
-        Compiled blocks retrace by themselves (dynamo guards on the layers); a CUDA graph captured before fusing
-        would replay on the freed weights, so capture after it (a new model.GraphedDecodeStep)."""
-        if self.fused:
-            return self
-        blocked = self.unfusable_projections()
-        if blocked:
-            raise ValueError(f"fuse_projections: {len(blocked)} projections are not plain bias-free nn.Linear layers "
-                             f"(e.g. {', '.join(blocked[:3])}); a LoRA adapter or an NF4 weight belongs to its own "
-                             "matrix and cannot be stacked. Merge the adapters into the weights first "
-                             "(lora.merge_lora, which also dequantizes NF4), or leave the projections unfused")
-        for layer in self.layers:
-            layer.self_attn.fuse_projections()
-            layer.mlp.fuse_projections()
-        self.fused = True
-        return self
-
-    def unfusable_projections(self):
-        """The q/k/v and gate/up projections fuse_projections cannot stack, as "name (type)": anything but a plain
-        bias-free nn.Linear, i.e. LoRA layers and NF4-quantized ones (lora.LoRALinear). Empty: fusion can go ahead."""
-        return [f"{name} ({type(m).__name__})" for name, m in self.named_modules()
-                if name.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-                and (type(m) is not nn.Linear or m.bias is not None)]
 
     def train(self, mode=True):
         if mode and self.fused:
@@ -356,7 +307,7 @@ class Llama(nn.Module):
         row), positions (B, T) = RoPE positions (default: cache_pos), key_valid (B, max_len) bool = slots holding
         real tokens (False for left padding). Without a cache, key_valid (B, T) masks left padding too.
         Packed samples (training, no cache): segment_ids (B, T) numbers the samples of each row; a token attends only
-        to earlier tokens of its own sample, and positions (B, T) restart at 0 for each sample (data.PackedDataset).
+        to earlier tokens of its own sample, and positions (B, T) restart at 0 for each sample (extras/packing.py).
         """
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = h.shape[1]
@@ -447,7 +398,7 @@ def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_00
     family of this decoder (extras/internlm2.py) passes its key table, a `pack` of the renamed state dict and its
     config.json."""
     if model.fused:
-        raise ValueError("save_llama: this model's projections were fused for inference (Llama.fuse_projections), "
+        raise ValueError("save_llama: this model's projections were fused for inference (fuse_projections), "
                          "a layout no checkpoint has; save the model before fusing it, or load it again")
     to_hf = weights.invert_table(table)
     state = {}

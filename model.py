@@ -141,41 +141,6 @@ def decode_step(llm, token, position, cache_pos, key_valid):
     return llm.lm_head(h[:, -1]).float()
 
 
-class GraphedDecodeStep:
-    """decode_step replayed from a CUDA graph: `generate(..., step_fn=GraphedDecodeStep())` on a GPU.
-
-    An eager decode step of an 8B Llama launches about a thousand small kernels and the GPU waits on Python between
-    them; a graph launches them all at once, so a step costs about its kernels' own time (BENCHMARKS.md compares the
-    two). After `llm.compile_blocks()` the graph replays the
-    compiled blocks, whose fused kernels are fewer still. The graph is captured on the first call and again
-    whenever the KV cache was rebuilt (another batch or length): it reads and writes the cache buffers it was
-    captured on, and its inputs are copied into its own static tensors before each replay. It also reads the
-    weights it was captured on: after `llm.fuse_projections()`, use a new GraphedDecodeStep."""
-
-    def __init__(self):
-        self.graph, self.key = None, None
-
-    def __call__(self, llm, token, position, cache_pos, key_valid):
-        args = (token, position, cache_pos, key_valid)
-        key = (llm.layers[0].self_attn.cache.k.data_ptr(), tuple(key_valid.shape))
-        if key != self.key:
-            self.inputs = [a.clone() for a in args]
-            side = torch.cuda.Stream()  # warm up off the capture (cuBLAS and SDPA pick their kernels here)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # writes this step's keys/values into their slot: the replay rewrites the same
-                    decode_step(llm, *self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = decode_step(llm, *self.inputs)  # (B, V), rewritten by every replay
-            self.key = key
-        for buf, a in zip(self.inputs, args):
-            buf.copy_(a)
-        self.graph.replay()
-        return self.logits
-
-
 def cache_size(llm):
     cache = llm.layers[0].self_attn.cache
     return 0 if cache is None else cache.k.shape[2]
@@ -210,7 +175,7 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     if cache_offset == 0:
         cache = llm.layers[0].self_attn.cache
         if cache is not None and tuple(cache.k.shape[::2]) == (B, cache_len):
-            llm.reset_cache()  # same shape: reuse the buffers (a GraphedDecodeStep captured on them stays valid)
+            llm.reset_cache()  # same shape: reuse the buffers (a CUDA graph captured on them stays valid)
         else:
             llm.setup_cache(B, cache_len, dtype=llm.embed_tokens.weight.dtype, device=device)
     S = cache_size(llm)

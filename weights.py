@@ -1,22 +1,24 @@
 """How HF checkpoints map onto our modules: key tables, lazy safetensors reading, strict loading, sharded writing.
 
-Every model file (clip.py, llama.py, model.py, convert.py) declares a *key table*: a dict from a checkpoint key
-pattern to our parameter name pattern, with `{}` standing for a layer number and `None` for a key we drop on purpose
-(a CLIP checkpoint's text tower, a stale rotary buffer). Loading is then one generic function:
+Every model file (clip.py, llama.py, and the checkpoint families in extras/) declares a *key table*: a dict from a
+checkpoint key pattern to our parameter name pattern, with `{}` standing for a layer number and `None` for a key we
+drop on purpose (a CLIP checkpoint's text tower, a stale rotary buffer). Loading is then one generic function:
 
     model = Llama(cfg) built on the meta device  ->  load_with_table(model, folder, HF_KEYS, dtype)
 
-which reads each tensor with one positioned read from the safetensors file (a few threads at a time, straight
-on to the target device, so an 8B model never exists twice in memory), renames it through the table, casts it,
-and assigns it. Anything missing, unexpected or of the wrong shape is an
-error that names the keys; nothing is ever loaded with an unchecked `strict=False`.
+which reads each tensor with one positioned read from the safetensors file (a few threads at a time, straight on to
+the target device, so an 8B model never exists twice in memory), renames it through the table, casts it, and
+assigns it. Anything missing, unexpected or of the wrong shape is an error that names the keys; nothing is ever
+loaded with an unchecked `strict=False`. The inverted table (`invert_table`) names the keys of an export.
 """
 
+import functools
 import json
 import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -143,6 +145,7 @@ class DictReader:
 
 
 def as_reader(src):
+    """A reader over `src`: a reader as it is, a state dict, or a checkpoint path."""
     if isinstance(src, (CheckpointReader, DictReader)):
         return src
     if isinstance(src, dict):
@@ -154,25 +157,16 @@ def as_reader(src):
 # Key tables
 
 
-def _compile(pattern):
+@functools.cache
+def _regex(pattern):
     # "{}" matches a layer number; everything else is literal
     return re.compile("^" + re.escape(pattern).replace(r"\{\}", r"(\d+)") + "$")
 
 
-_cache = {}
-
-
-def _compiled(table):
-    key = id(table)
-    if key not in _cache or _cache[key][0] is not table:
-        _cache[key] = (table, [(_compile(src), dst) for src, dst in table.items()])
-    return _cache[key][1]
-
-
 def map_key(key, table):
     """Rename one checkpoint key through a table; None if the table drops it; KeyError if no pattern matches."""
-    for regex, dst in _compiled(table):
-        m = regex.match(key)
+    for src, dst in table.items():
+        m = _regex(src).match(key)
         if m:
             if dst is None:
                 return None
@@ -189,12 +183,7 @@ def invert_table(table):
 
 def rename_state_dict(state_dict, table):
     """Rename every key through `table` (keys the table drops are left out; unknown keys raise)."""
-    out = {}
-    for k, v in state_dict.items():
-        nk = map_key(k, table)
-        if nk is not None:
-            out[nk] = v
-    return out
+    return {new: v for k, v in state_dict.items() if (new := map_key(k, table)) is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +199,7 @@ def load_with_table(module, src, table, dtype=None, device=None, prefix=""):
     every unexpected, missing and wrong-shaped key.
     """
     reader = as_reader(src)
-    expected = {k: v for k, v in module.state_dict(keep_vars=True).items()}
+    expected = module.state_dict(keep_vars=True)
     todo, unexpected, bad_shape = [], [], []  # todo: (checkpoint key, our name), every check passed
     for key in reader.keys():
         if not key.startswith(prefix):
@@ -236,7 +225,8 @@ def load_with_table(module, src, table, dtype=None, device=None, prefix=""):
         lines = [f"checkpoint {getattr(reader, 'path', '<state dict>')} does not fit {type(module).__name__}:"]
         for name, keys in (("unexpected", unexpected), ("missing", missing), ("wrong shape", bad_shape)):
             if keys:
-                lines.append(f"  {name} keys ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+                more = " ..." if len(keys) > 20 else ""
+                lines.append(f"  {name} keys ({len(keys)}): " + ", ".join(keys[:20]) + more)
         raise CheckpointError("\n".join(lines))
 
     def fetch(item):
@@ -267,39 +257,49 @@ def load_with_table(module, src, table, dtype=None, device=None, prefix=""):
 # Writing
 
 
+@contextmanager
+def atomic_write(path):
+    """Write a file under a temporary name next to `path`, renamed over `path` when the block ends without error, so
+    that a kill leaves the previous file (or none), never half of a new one. The block writes the Path it is given:
+
+        with atomic_write(folder / "model.safetensors") as tmp:
+            save_file(tensors, tmp)
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # left by a writer that was killed (os.symlink, for one, would not overwrite it)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # still there only when the block failed
+
+
 def save_safetensors(state_dict, folder, max_shard_bytes=5_000_000_000, basename="model"):
     """Write a state dict as `model.safetensors`, or as shards plus `model.safetensors.index.json` when larger than
-    `max_shard_bytes`. Each file is written to a temporary name and renamed, so a kill never leaves a torn file."""
+    `max_shard_bytes`; each file written atomically. Returns the paths of the .safetensors files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    shards, current, size = [], {}, 0
-    for k, v in tensors.items():
+    shards, size = [{}], 0
+    for k, v in state_dict.items():
+        v = v.detach().contiguous().cpu()
         n = v.numel() * v.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = v
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
         size += n
-    shards.append(current)
-    if len(shards) == 1:
-        _atomic_save(shards[0], folder / f"{basename}.safetensors")
-        return [folder / f"{basename}.safetensors"]
-    weight_map, files = {}, []
-    for i, shard in enumerate(shards):
-        name = f"{basename}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, folder / name)
-        files.append(folder / name)
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    write_json(folder / f"{basename}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return files
-
-
-def _atomic_save(tensors, path):
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    names = [f"{basename}.safetensors"] if len(shards) == 1 else \
+            [f"{basename}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, name in zip(shards, names):
+        with atomic_write(folder / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for shard in shards for v in shard.values())
+        weight_map = {k: name for shard, name in zip(shards, names) for k in shard}
+        write_json(folder / f"{basename}.safetensors.index.json", {"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map})
+    return [folder / name for name in names]
 
 
 def read_json(path):
@@ -308,10 +308,9 @@ def read_json(path):
 
 
 def write_json(path, obj):
+    """`obj` as indented UTF-8 JSON, written atomically (the parent folder is created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)

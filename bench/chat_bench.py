@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import model as M  # noqa: E402
+from extras.fast_inference import GraphedDecodeStep, fuse_projections  # noqa: E402
 
 
 def extra_args(p):
@@ -151,13 +152,13 @@ def run_ours(args, P, vcfg, lcfg):
     compiled = False
     for name, v in variants:
         if v["fused"] and not net.llm.fused:
-            net.llm.fuse_projections()  # compiled blocks recompile for the new layers (dynamo guards on them)
+            fuse_projections(net.llm)  # compiled blocks recompile for the new layers (dynamo guards on them)
         if v["compiled"] and not compiled:
             net.llm.compile_blocks()
             for layer in net.vision.layers:  # the CLIP layers, compiled like the decoder blocks
                 layer.compile()
             compiled = True
-        step_fn = M.GraphedDecodeStep() if v["graph"] and graphs else None  # captured anew on the model as it is now
+        step_fn = GraphedDecodeStep() if v["graph"] and graphs else None  # captured anew on the model as it is now
         sync_every = v["sync_every"]
         t = time.perf_counter()
         gen(chat, px, 8, step_fn, sync_every)  # warm-up: kernels chosen (compiled), graph captured for this cache
@@ -175,7 +176,7 @@ def run_ours(args, P, vcfg, lcfg):
     for B in (int(b) for b in args.eval_batches.split(",")):
         qs = prompts(P, 0, [60 + (i * 37) % 41 for i in range(B)], -200, lcfg.vocab_size, seed=B)
         pix = C.pixels(B, vcfg.image_size, args.device, seed=B)
-        graph_step = M.GraphedDecodeStep() if v["graph"] and graphs else None  # its own graph for this batch's cache
+        graph_step = GraphedDecodeStep() if v["graph"] and graphs else None  # its own graph for this batch's cache
         gen(qs, pix, args.eval_new_tokens, graph_step, sync_every)  # warm-up
         t = C.now(args.device)
         gen(qs, pix, args.eval_new_tokens, graph_step, sync_every)

@@ -1,6 +1,7 @@
-"""Profile train.py's own optimizer steps: run `train.main(argv)` as usual, with torch.profiler around steps 4-6.
+"""Profile train.py's own optimizer steps: run train.py as usual, with torch.profiler around steps 4-6.
 
-    python bench/profile_train.py @recipes/qlora-finetune-gpu1.args --lora ... (train.py's arguments)
+    python bench/profile_train.py @recipes/qlora-finetune-gpu1.args --lora ...    (train.py's arguments)
+    python bench/profile_train.py ... --synthetic N                 (bench/train_synthetic.py's: random weights)
 
 Prints the wall time per step, the GPU's busy time per step (kernels and copies), and the top operators by GPU time
 and by CPU self time, so a slow step is seen to be GPU-bound (busy ~ wall) or host-bound (GPU idle in between).
@@ -16,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+import train_synthetic  # noqa: E402  (bench/, the folder of this script)
 
 FIRST, N = 4, 3  # profile steps FIRST .. FIRST + N - 1 (the first ones pay warm-up and allocator growth)
 
@@ -52,7 +54,7 @@ def main(argv):
         return out
 
     train.train_step = step
-    train.main(argv)
+    (train_synthetic.main if "--synthetic" in argv else train.main)(argv)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def save_model(model, folder, cfg):
     folders (as absolute paths), template, select layer, image mode and size, projector sizes, the LLM mode with
     its LoRA settings, and the vision LoRA."""
     if model.llm.fused:
-        raise ValueError("save_model: the LLM's projections were fused for inference (Llama.fuse_projections); "
+        raise ValueError("save_model: the LLM's projections were fused for inference (fuse_projections); "
                          "save the model before fusing it")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -232,7 +232,7 @@ def _load_hf(folder, dtype, device):
 
 def _need(value, flag, where):
     if not value:
-        raise LoadError(f"{where} does not contain the base {flag[2:].upper()} model: pass {flag} PATH (an HF folder)")
+        raise LoadError(f"{where} does not contain the base {flag[2:].upper()}: pass {flag} PATH (an HF folder)")
     if not (Path(value) / "config.json").is_file():
         raise LoadError(f"{flag} {value}: no config.json there (give an HF model folder)")
     return value
@@ -436,11 +436,11 @@ def load_model(path=None, dtype=torch.bfloat16, device="cpu", llm=None, vision=N
         model, tok, cfg = _load_xtuner(path, dtype, device, llm, vision, meta, lora_alpha, vision_lora_alpha, nf4)
     elif (path / "adapter_config.json").is_file():
         model, tok, cfg = _load_peft(path, dtype, device, llm, meta, nf4)
-    elif (path / "llm_adapter" / "adapter_config.json").is_file():  # `convert.py --to adapters` of a text-only run
-        if (path / "vision_adapter").is_dir():
-            raise LoadError(f"{path} holds adapters only, not a LLaVA (no projector): convert the model --to xtuner "
-                            "to load it elsewhere")
-        model, tok, cfg = _load_peft(path / "llm_adapter", dtype, device, llm, meta, nf4)
+    elif (path / "vision_adapter").is_dir() or (path / "llm_adapter").is_dir() and not (path / "projector").is_dir():
+        if (path / "vision_adapter").is_dir() or meta.get("vision"):
+            raise LoadError(f"{path} holds LoRA adapters only, not a LLaVA (no projector): convert the model --to "
+                            "xtuner to load it elsewhere")
+        model, tok, cfg = _load_peft(path / "llm_adapter", dtype, device, llm, meta, nf4)  # a text-only run's
     elif kind in LLM_MODEL_TYPES:
         model, tok, cfg = _load_text(path, dtype, device)
     elif (path / "trainer_state.json").exists() or (path / "checkpoints").is_dir():

@@ -14,12 +14,11 @@ table, prediction tables in and out, and the work folder that makes a run resuma
 
 import csv
 import json
-import os
 import re
 import string
 from pathlib import Path
 
-from weights import write_json
+from weights import atomic_write, write_json
 
 MISSING = {"", "nan", "NaN"}  # how an empty (pandas NaN) cell appears in the TSVs
 # columns of XTuner's mmbench_result.xlsx (the option letters go after "question")
@@ -239,11 +238,9 @@ def format_table(metrics, title):
 
 def write_jsonl(path, records):
     """The records as jsonl (options as flat letter columns, as in XTuner's table)."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # a kill leaves the previous file
         for r in records:
             f.write(json.dumps({k: v for k, v in r.items() if k != "options"}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # atomic: a kill leaves the previous file, never half of a new one
 
 
 def write_result_table(out_dir, records):
@@ -256,11 +253,10 @@ def write_result_table(out_dir, records):
         import openpyxl  # optional dependency
     except ImportError:
         path = Path(out_dir) / "mmbench_result.tsv"
-        with open(str(path) + ".tmp", "w", newline="", encoding="utf-8") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(columns)
             writer.writerows(rows)
-        os.replace(str(path) + ".tmp", path)
         return path, "openpyxl is not installed, so the table is a .tsv with the columns of XTuner's xlsx " \
                      "(pip install openpyxl to get mmbench_result.xlsx)"
     path = Path(out_dir) / "mmbench_result.xlsx"
@@ -270,8 +266,8 @@ def write_result_table(out_dir, records):
     ws.append(columns)
     for row in rows:
         ws.append([illegal.sub("", v) if isinstance(v, str) else v for v in row])
-    wb.save(str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    with atomic_write(path) as tmp:
+        wb.save(str(tmp))
     return path, ""
 
 

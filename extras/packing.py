@@ -4,7 +4,7 @@ Several short samples share one row, so a batch holds few padding positions. Unl
 attend to one another and are cut at row ends, a sample here is never cut, attends only to itself (the model gets
 `segment_ids`, a block-diagonal causal mask) and sees positions 0, 1, ... as if it were alone (`position_ids`).
 
-    ds = data.open_data(...)                      text-only samples
+    ds = datasets.open_data(...)                      text-only samples
     packed = PackedDataset(ds, max_length, seed)  rows of whole samples, at most max_length positions each
     batch = collate_packed([packed[i], ...])      data.collate + position_ids and segment_ids (B, T)
 """
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import data
+from extras import datasets
 from tokenizer import IGNORE_INDEX
 
 
@@ -33,7 +34,7 @@ def pack_order(lengths, max_length, order):
     return packs + ([current] if current else [])
 
 
-class PackedDataset(data.BaseDataset):
+class PackedDataset(datasets.BaseDataset):
     """Text-only samples of `ds` (an LLaVADataset or LLaVAMix) packed into rows of at most max_length positions.
 
     The samples are shuffled once with `seed` before packing (XTuner's shuffle_before_pack), then packed in that

@@ -5,7 +5,7 @@ dequantization, and pickles that must never run.
 One tiny base model pair is written once per module with our own save functions: a CLIP tower (32 px, patch 8:
 16 image positions) and a Llama with the real Llama-3 vocabulary (128,256 ids) and tokenizer, so the HF export's
 `<image>` = 128257, `<pad>` = 128258 and vocabulary 128,320 are the published ones. Run folders on top of it are
-written with model.save_model, as train.py writes them.
+written with extras.loader.save_model, as train.py writes them.
 """
 
 import shutil

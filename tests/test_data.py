@@ -26,9 +26,11 @@ from PIL import Image
 from tiktoken.load import load_tiktoken_bpe  # TIKTOKEN_CACHE_DIR="" (tests/conftest.py): no stale cache
 
 import data
+from extras import datasets
 from data import Turn
 from tokenizer import IGNORE_INDEX as IGN, IMAGE_TOKEN_INDEX as IMG, SentencePieceTokenizer, TiktokenTokenizer
 from tools import check_data
+from extras import samplers
 
 LLAMA3_MODEL = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 BOS = 128000  # <|begin_of_text|>
@@ -377,7 +379,7 @@ FAILS_TO_LOAD = ["missing", "truncated", "not_an_image"]
 def test_dataset_bad_data(tok, bad_folder):
     path, img = bad_folder
     logged = []
-    ds = data.LLaVADataset(path, img, tok, "llama3_chat", image_tokens=K, image_size=28, max_length=64,
+    ds = datasets.LLaVADataset(path, img, tok, "llama3_chat", image_tokens=K, image_size=28, max_length=64,
                            log=logged.append)
     assert ds.record_ids == ["good", *FAILS_TO_LOAD, "text_only", "one_pixel", "strip"]
     lines = {json.loads(line)["id"]: i + 1 for i, line in enumerate(path.read_text().splitlines())}
@@ -389,7 +391,8 @@ def test_dataset_bad_data(tok, bad_folder):
     assert (st["records"], st["bad_record"], st["too_long"], st["no_supervised"], st["kept"]) == (13, 4, 1, 1, 7)
     assert "13 records -> 7 samples" in logged[0] and "dropped 6" in logged[0]  # reported, not silent
     # the log names the first 5 and the total; problems() has them all
-    assert logged[0].splitlines()[1:] == [f"  {p}" for p in ds.problems()[:5]] + ["  ... and 1 more (6 bad records in all)"]
+    first5 = [f"  {p}" for p in ds.problems()[:5]]
+    assert logged[0].splitlines()[1:] == first5 + ["  ... and 1 more (6 bad records in all)"]
 
     item = ds[0]
     assert item["id"] == "good" and item["pixel_values"].shape == (1, 3, 28, 28) and item["replaced"] == []
@@ -420,7 +423,7 @@ def test_truncation_drops_the_images_of_cut_turns(tok, tmp_path):
     record = {"id": "two", "image": ["a.png", "b.png"], "conversations": [
         human("<image>\nFirst?"), gpt("One."), human("<image>\nSecond?"), gpt("Two " * 50)]}
     (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n")
-    ds = data.LLaVADataset(tmp_path / "r.jsonl", img, tok, image_tokens=K, image_size=28, max_length=60, log=print)
+    ds = datasets.LLaVADataset(tmp_path / "r.jsonl", img, tok, image_tokens=K, image_size=28, max_length=60, log=print)
     assert ds.stats["truncated_at_turn"] == 1 and ds.image_paths == [("a.png",)]
     item = ds[0]
     assert item["pixel_values"].shape[0] == 1 and (item["input_ids"] == IMG).sum() == K
@@ -435,9 +438,9 @@ def test_dataloader_workers_and_mix(tok, bad_folder, tmp_path):
     write_image(other / "good.png", color=(0, 0, 255))
     (other / "o.json").write_text(json.dumps([{"id": "blue", "image": "good.png",
                                                "conversations": [human("<image>\nColor?"), gpt("Blue.")]}]))
-    mix = data.open_data([f"{path}:{img}", f"{other / 'o.json'}"], tok, image_tokens=K, image_size=28,
+    mix = datasets.open_data([f"{path}:{img}", f"{other / 'o.json'}"], tok, image_tokens=K, image_size=28,
                          max_length=64, log=lambda m: None)
-    assert isinstance(mix, data.LLaVAMix) and len(mix) == 8
+    assert isinstance(mix, datasets.LLaVAMix) and len(mix) == 8
     assert len(mix.modality_lengths) == 8 and mix.stats["bad_record"] == 4
     assert mix[7]["id"] == "blue" and mix[7]["pixel_values"][0, 2].mean() > 1  # its own image folder (blue)
     pickle.loads(pickle.dumps(mix))  # spawn-safe
@@ -449,7 +452,7 @@ def test_dataloader_workers_and_mix(tok, bad_folder, tmp_path):
     # (a worker's counters and warnings do not)
     assert {r["id"] for b in batches for r in b["replaced"]} == set(FAILS_TO_LOAD)
     # and the replacements are those this process draws: they depend on the seed and the index, not the worker
-    fresh = data.open_data([f"{path}:{img}", f"{other / 'o.json'}"], tok, image_tokens=K, image_size=28,
+    fresh = datasets.open_data([f"{path}:{img}", f"{other / 'o.json'}"], tok, image_tokens=K, image_size=28,
                            max_length=64, log=lambda m: None)
     assert [i for b in batches for i in b["ids"]] == [fresh[i]["id"] for i in range(8)]
 
@@ -465,7 +468,7 @@ def test_bad_images_replaced_at_random(tok, tmp_path):
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def replacements(seed=0, order=bad):
-        ds = data.LLaVADataset(tmp_path / "r.jsonl", tmp_path, tok, image_tokens=K, image_size=28, max_length=64,
+        ds = datasets.LLaVADataset(tmp_path / "r.jsonl", tmp_path, tok, image_tokens=K, image_size=28, max_length=64,
                                seed=seed, log=lambda m: None)
         items = {i: ds[i] for i in order}
         assert all(items[i]["replaced"][0]["id"] == f"r{i}" for i in order)
@@ -480,15 +483,15 @@ def test_bad_images_replaced_at_random(tok, tmp_path):
 
 
 def test_data_specs(tmp_path):
-    assert data.parse_data_spec("a.json:imgs") == [(Path("a.json"), Path("imgs"))]
-    assert data.parse_data_spec("d/a.jsonl", "default") == [(Path("d/a.jsonl"), Path("default"))]
-    assert data.parse_data_spec("C:/d/a.jsonl:C:/imgs") == [(Path("C:/d/a.jsonl"), Path("C:/imgs"))]
+    assert datasets.parse_data_spec("a.json:imgs") == [(Path("a.json"), Path("imgs"))]
+    assert datasets.parse_data_spec("d/a.jsonl", "default") == [(Path("d/a.jsonl"), Path("default"))]
+    assert datasets.parse_data_spec("C:/d/a.jsonl:C:/imgs") == [(Path("C:/d/a.jsonl"), Path("C:/imgs"))]
     (tmp_path / "mix.json").write_text(json.dumps({"datasets": [
         {"path": "x.jsonl", "image_folder": "data/x"}, {"path": "y.jsonl"}]}))
-    assert data.parse_data_spec(str(tmp_path / "mix.json")) == [
+    assert datasets.parse_data_spec(str(tmp_path / "mix.json")) == [
         (tmp_path / "x.jsonl", tmp_path / "data/x"), (tmp_path / "y.jsonl", None)]
     with pytest.raises(data.DataError, match="expected RECORDS.json"):
-        data.parse_data_spec("records.txt")
+        datasets.parse_data_spec("records.txt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,10 +512,10 @@ def test_length_grouped_hand_computed():
     #   the others [7 0] [5 4] [3 6] shuffled by [2 0 1] -> [3 6] [7 0] [5 4]; last = [2] + [1] sorted -> [2 1]
     #   longest first: the heads are 3 (7), 7 (6), 5 (8), 2 (9) -> swap 3 and 2
     want = [2, 6, 7, 0, 5, 4, 3, 1]
-    assert data.length_grouped_order(lengths, 2, torch.Generator().manual_seed(1)) == want
-    s = data.LengthGroupedSampler(lengths, per_device_batch_size=2, seed=1, mega_batch_mult=1)
+    assert samplers.length_grouped_order(lengths, 2, torch.Generator().manual_seed(1)) == want
+    s = samplers.LengthGroupedSampler(lengths, per_device_batch_size=2, seed=1, mega_batch_mult=1)
     assert list(s) == want and len(s) == 8
-    s2 = data.LengthGroupedSampler(lengths, per_device_batch_size=1, seed=0, world_size=2, rank=1, mega_batch_mult=1)
+    s2 = samplers.LengthGroupedSampler(lengths, per_device_batch_size=1, seed=0, world_size=2, rank=1, mega_batch_mult=1)
     s2.set_epoch(1)  # seed 0 + epoch 1 = the case above; rank 1 of 2 takes every second index from the second
     assert list(s2) == want[1::2]
     s2.set_epoch(1, start_index=3)  # resume: skip this rank's first 3 samples without touching them
@@ -522,10 +525,10 @@ def test_length_grouped_hand_computed():
 def test_length_grouped_invariants():
     rng = random.Random(0)
     lengths = [rng.randint(1, 3000) * rng.choice([1, -1]) for _ in range(1003)]
-    assert data.LengthGroupedSampler(lengths, 4, world_size=2).group_size == 8 * min(1003 // 32, 50)
-    assert data.LengthGroupedSampler(lengths * 50, 4, world_size=2).group_size == 8 * 50
-    assert data.LengthGroupedSampler(lengths[:10], 4, world_size=2).group_size == 8
-    s = data.LengthGroupedSampler(lengths, per_device_batch_size=4, seed=5)
+    assert samplers.LengthGroupedSampler(lengths, 4, world_size=2).group_size == 8 * min(1003 // 32, 50)
+    assert samplers.LengthGroupedSampler(lengths * 50, 4, world_size=2).group_size == 8 * 50
+    assert samplers.LengthGroupedSampler(lengths[:10], 4, world_size=2).group_size == 8
+    s = samplers.LengthGroupedSampler(lengths, per_device_batch_size=4, seed=5)
     g = s.group_size
     for epoch in range(2):
         s.set_epoch(epoch)
@@ -542,14 +545,14 @@ def test_length_grouped_invariants():
         assert tail[1:] == sorted(tail[1:], reverse=True)
     assert list(s) != (s.set_epoch(0) or list(s))  # epochs differ
     # distributed: 3 ranks share 1003 samples, 1 left out (no duplicates), each rank the same count
-    shares = [list(data.LengthGroupedSampler(lengths, 4, seed=5, world_size=3, rank=r)) for r in range(3)]
+    shares = [list(samplers.LengthGroupedSampler(lengths, 4, seed=5, world_size=3, rank=r)) for r in range(3)]
     assert [len(x) for x in shares] == [334] * 3
     assert len(set().union(*shares)) == 1002
-    assert data.LengthGroupedSampler(lengths, 4, world_size=3).n_left_out == 1
+    assert samplers.LengthGroupedSampler(lengths, 4, world_size=3).n_left_out == 1
 
 
 def test_shuffle_sampler():
-    s = data.ShuffleSampler(10, seed=3)
+    s = samplers.ShuffleSampler(10, seed=3)
     first = list(s)
     assert sorted(first) == list(range(10)) and list(s) == first
     assert first == torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
@@ -557,7 +560,7 @@ def test_shuffle_sampler():
     assert list(s) != first
     s.set_epoch(0, start_index=4)
     assert list(s) == first[4:] and len(s) == 6
-    ranks = [list(data.ShuffleSampler(10, seed=3, world_size=4, rank=r)) for r in range(4)]
+    ranks = [list(samplers.ShuffleSampler(10, seed=3, world_size=4, rank=r)) for r in range(4)]
     assert ranks[1] == first[1:8:4] and sum(map(len, ranks)) == 8
 
 

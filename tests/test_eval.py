@@ -1,5 +1,5 @@
-"""eval_mmbench.py: TSV reading, the prompt, letter extraction, CircularEval scoring, bad rows, --score, resume,
-batching and data-parallel sharding.
+"""eval_mmbench.py and extras/mmbench.py: TSV reading, the prompt, letter extraction, CircularEval scoring, bad rows,
+--score, resume, batching and data-parallel sharding.
 
 Expected values are written by hand from the rules of XTuner's `xtuner mmbench`, never captured from our own output.
 Most tests need no model: main() takes the model loader as an argument, and a fake generator answers from the prompt

@@ -16,11 +16,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import data
+from extras import datasets
 import llama
 from data import IGNORE_INDEX as IGN
 from data import Turn
 from tokenizer import SentencePieceTokenizer, load_tokenizer
-from extras import internlm2, loader
+from extras import internlm2, loader, packing
 
 H, HKV, D = 6, 2, 16  # GQA with 3 query heads per KV head, so the grouping is visible
 C = H * D
@@ -326,11 +327,11 @@ def test_packed_dataset_losses_equal_one_by_one(tmp_path, sp_model):
                                              {"role": "assistant", "content": "a cat sat on the mat " * (i % 3 + 1)}]}
                for i in range(7)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    ds = data.LLaVADataset(tmp_path / "sft.jsonl", None, tok, "internlm2_chat", max_length=96, log=lambda m: None)
-    packed = data.PackedDataset(ds, max_length=160, seed=0)  # samples of 45 to 87 positions: 2 or 3 a row
+    ds = datasets.LLaVADataset(tmp_path / "sft.jsonl", None, tok, "internlm2_chat", max_length=96, log=lambda m: None)
+    packed = packing.PackedDataset(ds, max_length=160, seed=0)  # samples of 45 to 87 positions: 2 or 3 a row
     assert sorted(j for p in packed.packs for j in p) == list(range(len(ds)))  # every sample once
     assert len(ds) == 7 and 1 < len(packed) < len(ds) and all(n <= 160 for n in packed.lengths)
-    batch = data.collate_packed([packed[i] for i in range(len(packed))])
+    batch = packing.collate_packed([packed[i] for i in range(len(packed))])
     model = llama.Llama(llama.LlamaConfig(vocab_size=300, hidden_size=C, num_layers=2, num_heads=H, num_kv_heads=HKV,
                                           intermediate_size=128)).eval()
     loss = per_token_loss(model, batch["input_ids"], batch["labels"], positions=batch["position_ids"],
@@ -531,7 +532,7 @@ def test_sft_qlora_recipe_trains_packed_merges_and_chats(tmp_path, sp_model, one
     # iter_N.pth folder also has: convert.py must still see our checkpoint below
     run = tmp_path / "run"
     result = run_inprocess([f"@{recipe}", "--llm", str(base), "--data", str(msgs), "--max-length", "128",
-                            "--global-batch", "2", "--epochs", "3", "--lr", "1e-2", "--zero", "0", "--out", str(run)])
+                            "--global-batch", "2", "--epochs", "3", "--lr", "1e-2", "--deepspeed", "deepspeed_zero0", "--out", str(run)])
     losses = result["losses"]
     assert "24 samples in" in result["report"] and "packed rows" in result["report"]  # 2 to 4 samples a row
     assert len(losses) == 21 and sum(losses[-3:]) / 3 < 0.2 * losses[0]  # 13 rows, 2 a step: 7 steps per epoch
@@ -545,9 +546,9 @@ def test_sft_qlora_recipe_trains_packed_merges_and_chats(tmp_path, sp_model, one
     # LLaVA.forward passes the packing on: a packed row's loss is the sum of its samples' losses computed alone
     m, tok, cfg = loader.load_model(run / "model", dtype=torch.float32)
     assert m.vision is None and m.projector is None and m.llm.cfg.layout == "internlm2"
-    ds = data.LLaVADataset(msgs, None, tok, "internlm2_chat", max_length=128, log=lambda msg: None)
-    packed = data.PackedDataset(ds, 128, seed=0)
-    b = data.collate_packed([packed[0]])
+    ds = datasets.LLaVADataset(msgs, None, tok, "internlm2_chat", max_length=128, log=lambda msg: None)
+    packed = packing.PackedDataset(ds, 128, seed=0)
+    b = packing.collate_packed([packed[0]])
     with torch.no_grad():
         row, n_row = m(b["input_ids"], b["labels"], position_ids=b["position_ids"], segment_ids=b["segment_ids"])
         alone = [m(*(t[None] for t in ds.tokens(j))) for j in packed.packs[0]]

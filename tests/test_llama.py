@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 import llama
 import weights
 from llama import Llama, LlamaConfig, load_llama, save_llama
+from extras.fast_inference import fuse_projections, unfusable_projections
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
@@ -372,7 +373,7 @@ def test_fused_projections_equal_unfused_in_prefill_and_cached_decode(model):
     weights are gone, freed rather than kept beside the stacked copy."""
     fused = copy.deepcopy(model)
     old = weakref.ref(fused.layers[0].self_attn.k_proj.weight)
-    fused.fuse_projections()
+    fuse_projections(fused)
     gc.collect()
     assert old() is None
     names = [n for n, _ in fused.named_parameters()]
@@ -396,24 +397,24 @@ def test_fusion_refuses_lora_and_nf4_layers(model, nf4):
             for layer in m.layers:
                 layer.self_attn.q_proj.lora_B.weight.normal_(std=0.2)
     parts = ["mlp.up_proj"] if nf4 else ["self_attn.q_proj", "self_attn.v_proj"]
-    assert m.unfusable_projections() == [f"layers.{i}.{p} (LoRALinear)" for i in range(2) for p in parts]
+    assert unfusable_projections(m) == [f"layers.{i}.{p} (LoRALinear)" for i in range(2) for p in parts]
     with pytest.raises(ValueError, match=r"layers\.0\..*LoRALinear.*lora\.merge_lora"):
-        m.fuse_projections()
+        fuse_projections(m)
     assert not m.fused and m.layers[0].self_attn.qkv_proj is None and m.layers[0].mlp.gate_up_proj is None
     lora.merge_lora(m)  # plain linears again (NF4 dequantized): now they stack
     want = our_logits(m, IDS)
-    torch.testing.assert_close(our_logits(m.fuse_projections(), IDS), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(our_logits(fuse_projections(m), IDS), want, atol=1e-6, rtol=0)
 
 
 def test_fused_model_is_neither_saved_nor_trained(model, tmp_path):
-    fused = copy.deepcopy(model).fuse_projections()
+    fused = fuse_projections(copy.deepcopy(model))
     with pytest.raises(ValueError, match="fuse_projections"):
         save_llama(fused, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(RuntimeError, match="cannot train"):
         fused.train()
     assert not fused.training and fused.eval() is fused
-    assert fused.fuse_projections() is fused  # a second call changes nothing
+    assert fuse_projections(fused) is fused  # a second call changes nothing
 
 
 def test_fusing_compiled_blocks_retraces_them(model):
@@ -424,6 +425,6 @@ def test_fusing_compiled_blocks_retraces_them(model):
     compiled = copy.deepcopy(model).compile_blocks(backend="eager", fullgraph=True)
     torch._dynamo.reset()
     torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-6, rtol=0)
-    compiled.fuse_projections()
+    fuse_projections(compiled)
     torch.testing.assert_close(cached_decode_logits(compiled), want, atol=1e-6, rtol=0)
     torch._dynamo.reset()

@@ -2,13 +2,15 @@
 
 What a GPU cluster would check, checked with the tiny demo models on the demo data (demo.py):
 - a recipe's global batch holds on 1, 2, 4 and 8 GPUs (hand-derived accumulations), with an error when it cannot;
-- the three launchers: `deepspeed --num_gpus 2`, `torchrun --nproc_per_node 2` and XTuner's `NPROC_PER_NODE=2`;
+- the two launchers: `deepspeed --num_gpus 2` and `torchrun --nproc_per_node 2` (XTuner's `NPROC_PER_NODE=2` is
+  refused with the command to use instead);
 - ZeRO-3 (weights sharded) gives the loss curve and the model/ of one process without ZeRO, for the full-LLM + ViT
   LoRA recipe in fp32 (to fp32 rounding) and LoRA in bf16 (within bf16 noise); its model/ and its checkpoints
-  (through `train.py export`) load with model.load_model / convert.load_any;
+  (through `train.py export`) load with extras.loader.load_model;
 - QLoRA (NF4 LLM + LoRA) under ZeRO-2 learns, and after each step both ranks hold the same weights;
 - the MMBench evaluation, sharded over 2 ranks, answers as one process does;
-- `--random-init` and `--synthetic`, which the 8B GPU measurements of docs/multi-gpu.md use, at tiny shapes.
+- bench/train_synthetic.py (random weights of a named size, synthetic samples), which the 8B GPU measurements of
+  docs/multi-gpu.md use, at tiny shapes.
 References are independent of the code under test: hand-derived numbers, a one-process run without ZeRO, the
 rank's own copy of the weights, the evaluation run in one process.
 """
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import demo
 import train
+from extras import checkpoint, loader
 from test_train import run_inprocess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,13 +36,14 @@ RUNNER = """
 import os, sys
 sys.path.insert(0, {root!r})
 import deepspeed.comm.torch
-sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # env_check pitfall 3
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no JIT build of DeepSpeed's CPU op
 import torch, train
+from extras.distributed import rank
 
 res = train.main(sys.argv[1:])
 m = res["engine"].module  # this rank's own copy of the trainable weights (ZeRO-3: its shard only)
 torch.save({{n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}},
-           os.path.join(res["out"], f"rank{{train.rank()}}.pt"))
+           os.path.join(res["out"], f"rank{{rank()}}.pt"))
 """
 
 
@@ -73,7 +77,7 @@ def recipe_args(demo_run, recipe, out, *extra, data="finetune.json"):
 
 
 def launch(demo_run, launcher, argv, **env):
-    """train.py in 2 gloo processes through `launcher`: deepspeed | torchrun | xtuner (NPROC_PER_NODE=2)."""
+    """train.py in 2 gloo processes through `launcher`: deepspeed | torchrun."""
     from conftest import free_port
 
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -83,10 +87,7 @@ def launch(demo_run, launcher, argv, **env):
     cmd = {"deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port,
                          runner],
            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        runner],
-           "xtuner": [sys.executable, runner]}[launcher]
-    if launcher == "xtuner":
-        e.update(NPROC_PER_NODE="2", PORT=port)
+                        runner]}[launcher]
     p = subprocess.run(cmd + argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -120,7 +121,7 @@ def load_recipe(name, world_size, *extra):
 
 
 @pytest.mark.parametrize("name, micro, glob, acc_by_gpus", [
-    # accumulation = global / (micro x GPUs), by hand; on 8 GPUs these are XTuner's own (reference §4.2)
+    # accumulation = global / (micro x GPUs), by hand; on 8 GPUs these are XTuner's own
     ("pretrain", 32, 256, {1: 8, 2: 4, 4: 2, 8: 1}),
     ("sharegpt4v-pretrain", 16, 256, {1: 16, 2: 8, 4: 4, 8: 2}),
     ("finetune-full-vitlora", 8, 128, {1: 16, 2: 8, 4: 4, 8: 2}),
@@ -142,44 +143,33 @@ def test_recipe_global_batch_that_cannot_divide():
 
 
 def test_xtuner_deepspeed_names():
-    assert load_recipe("pretrain", 1).zero == 2
-    assert load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero3").zero == 3
-    a = load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero2_offload")
-    assert (a.zero, a.offload_optimizer) == (2, True)
-    a = load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero3", "--zero", "1")  # the last one given counts
-    assert (a.zero, a.offload_optimizer) == (1, False)
-    assert load_recipe("pretrain", 1, "--deepspeed", "my.json").deepspeed_config == "my.json"
-    assert not hasattr(a, "deepspeed")  # args.json keeps the resolved --zero, not the alias
-    with pytest.raises(SystemExit):
-        load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero4")
+    """`--deepspeed NAME` as XTuner spells it (the one way to choose the ZeRO stage), or a DeepSpeed JSON."""
+    stage = lambda a: train.deepspeed_config(a)["zero_optimization"]  # noqa: E731
+    a = load_recipe("pretrain", 1)
+    assert a.deepspeed == "deepspeed_zero2" and stage(a)["stage"] == 2 and "offload_optimizer" not in stage(a)
+    assert stage(load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero3"))["stage"] == 3
+    z = stage(load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero2_offload"))
+    assert (z["stage"], z["offload_optimizer"]["device"]) == (2, "cpu")
+    a = load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero3", "--deepspeed", "deepspeed_zero1")  # the last
+    assert stage(a) == {"stage": 1, "overlap_comm": True}
+    assert load_recipe("pretrain", 1, "--deepspeed", "my.json").deepspeed == "my.json"
+    for wrong in (["--deepspeed", "deepspeed_zero4"], ["--zero", "3"], ["--deepspeed-config", "my.json"]):
+        with pytest.raises(SystemExit):
+            load_recipe("pretrain", 1, *wrong)
 
 
-def test_xtuner_environment_launch(monkeypatch):
-    """NPROC_PER_NODE / NNODES / NODE_RANK / ADDR / PORT become torchrun's flags, as `xtuner train` builds them."""
-    class Relaunched(Exception):
-        pass
-
-    def execv(exe, cmd):
-        raise Relaunched(cmd)
-
-    monkeypatch.setattr(os, "execv", execv)
+def test_one_launch_path(monkeypatch):
+    """One process: `python train.py`; several: a launcher. XTuner's NPROC_PER_NODE is refused with the command to
+    use instead (train.py does not start processes itself), unless a launcher started this process (RANK set)."""
     monkeypatch.setattr(train, "train", lambda args: "trained here")
     for k in ("RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT"):
         monkeypatch.delenv(k, raising=False)
     argv = ["--stage", "pretrain", "--llm", "x", "--vision", "y", "--data", "d.json"]
     assert train.main(argv) == "trained here"  # nothing set: one process, no launcher
     monkeypatch.setenv("NPROC_PER_NODE", "4")
-    monkeypatch.setenv("NNODES", "2")
-    with pytest.raises(SystemExit, match="set ADDR"):  # a random port per machine could never meet
+    with pytest.raises(SystemExit, match=r"NPROC_PER_NODE=4: .*`deepspeed --num_gpus 4 train.py \.\.\.` or "
+                                         r"`torchrun --nproc_per_node 4 train.py \.\.\.`"):
         train.main(argv)
-    monkeypatch.setenv("NODE_RANK", "1")
-    monkeypatch.setenv("ADDR", "10.0.0.1")
-    monkeypatch.setenv("PORT", "29501")
-    with pytest.raises(Relaunched) as e:
-        train.main(argv)
-    assert e.value.args[0] == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1",
-                               "--nproc_per_node=4", "--master_addr=10.0.0.1", "--master_port=29501", sys.argv[0],
-                               *argv]
     monkeypatch.setenv("RANK", "5")  # already a launched process: train here
     assert train.main(argv) == "trained here"
 
@@ -192,15 +182,14 @@ def test_zero3_full_llm_vit_lora_matches_one_process(demo_run, tmp_path):
     """The full-LLM + ViT-LoRA recipe in fp32, 3 steps of global batch 4: 2 ranks x micro 2 under ZeRO-3 (launched
     by `deepspeed --num_gpus 2`) against 1 process x micro 2 x accumulation 2 without ZeRO. Then model/ and the
     checkpoints load, and the MMBench evaluation on 2 ranks answers as on one."""
-    import convert
     import eval_mmbench
-    import model as llava
 
     common = ["--micro-batch", "2", "--global-batch", "4", "--max-steps", "3", "--save-steps", "2", "--dtype", "fp32",
               "--lr", "1e-3", "--vision-lora-dropout", "0"]
     two, one = tmp_path / "two", tmp_path / "one"
-    launch(demo_run, "deepspeed", recipe_args(demo_run, "finetune-full-vitlora", two, *common, "--zero", "3"))
-    run_inprocess(recipe_args(demo_run, "finetune-full-vitlora", one, *common, "--zero", "0"))
+    launch(demo_run, "deepspeed", recipe_args(demo_run, "finetune-full-vitlora", two, *common, "--deepspeed",
+                                              "deepspeed_zero3"))
+    run_inprocess(recipe_args(demo_run, "finetune-full-vitlora", one, *common, "--deepspeed", "deepspeed_zero0"))
     # fp32 sums in another order (2 ranks, reduce-scatter) and Adam's division by sqrt(v) magnifies it: observed
     # 1e-5 relative after 10 steps, so 1e-4
     assert len(losses(two)) == 3 and losses(two) == pytest.approx(losses(one), rel=1e-4)
@@ -210,7 +199,7 @@ def test_zero3_full_llm_vit_lora_matches_one_process(demo_run, tmp_path):
     assert shard["llm.embed_tokens.weight"].numel() == 0
 
     # the stage output reads as every tool reads it; a checkpoint becomes the same folder through `export`
-    m, _, cfg = llava.load_model(two / "model", dtype=torch.float32)
+    m, _, cfg = loader.load_model(two / "model", dtype=torch.float32)
     assert (cfg["llm_mode"], cfg["vision_lora"]["r"]) == ("full", 64)
     saved = load_file(two / "model" / "llm" / "model.safetensors")
     assert torch.equal(m.llm.embed_tokens.weight, saved["model.embed_tokens.weight"])
@@ -219,7 +208,7 @@ def test_zero3_full_llm_vit_lora_matches_one_process(demo_run, tmp_path):
     train.main(["export", str(two), str(tmp_path / "latest")])  # a run folder: its newest checkpoint
     assert_same_files(tmp_path / "latest", two / "model", exact=True)
     train.main(["export", str(two / "checkpoints" / "step_2"), str(tmp_path / "step2")])
-    m2, _, _ = convert.load_any(tmp_path / "step2", dtype=torch.float32)
+    m2, _, _ = loader.load_model(tmp_path / "step2", dtype=torch.float32)
     assert not torch.equal(m2.llm.embed_tokens.weight, m.llm.embed_tokens.weight)  # one step earlier
 
     # MMBench on 2 ranks (each answers its shard) gives the predictions of one process
@@ -247,15 +236,14 @@ def test_zero3_full_llm_vit_lora_matches_one_process(demo_run, tmp_path):
 def test_zero3_lora_bf16_within_bf16_noise(demo_run, tmp_path):
     """LLM LoRA in bf16 (on the demo finetune recipe), 2 ranks under ZeRO-3 (torchrun) against 1 process under
     ZeRO-2: the same curve within bf16 noise, and the final checkpoint exports to the very model/ of the run."""
-    import model as llava
-
     # 17 samples: one process would also train a third step on the one sample 2 ranks leave out (17 % 2)
-    common = ["--llm-mode", "lora", "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--lr", "1e-3",
+    common = ["--lora", "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--lr", "1e-3",
               "--micro-batch", "4", "--global-batch", "8", "--max-steps", "2"]
     two, one, fp32 = tmp_path / "two", tmp_path / "one", tmp_path / "fp32"
-    launch(demo_run, "torchrun", recipe_args(demo_run, "demo-finetune", two, *common, "--dtype", "bf16", "--zero", "3"))
-    run_inprocess(recipe_args(demo_run, "demo-finetune", one, *common, "--dtype", "bf16", "--zero", "2"))
-    run_inprocess(recipe_args(demo_run, "demo-finetune", fp32, *common, "--dtype", "fp32", "--zero", "2"))
+    launch(demo_run, "torchrun", recipe_args(demo_run, "demo-finetune", two, *common, "--dtype", "bf16",
+                                             "--deepspeed", "deepspeed_zero3"))
+    run_inprocess(recipe_args(demo_run, "demo-finetune", one, *common, "--dtype", "bf16"))  # the recipe's ZeRO-2
+    run_inprocess(recipe_args(demo_run, "demo-finetune", fp32, *common, "--dtype", "fp32"))
     # bf16 keeps 8 significant bits: observed 3e-4 relative over 10 steps of the full-LLM recipe (fp32: 1e-5)
     assert len(losses(two)) == 2 and losses(two) == pytest.approx(losses(one), rel=2e-3)
     # Adam moves each weight by about lr whatever its gradient's size, so where a gradient is near 0 bf16 rounding
@@ -272,7 +260,7 @@ def test_zero3_lora_bf16_within_bf16_noise(demo_run, tmp_path):
         assert distance(w2, w1) < distance(w1, w32), f
     train.main(["export", str(two / "checkpoints" / "step_2"), str(tmp_path / "export")])
     assert_same_files(tmp_path / "export", two / "model", exact=True)  # bf16(fp32 master) is the bf16 weight
-    m, _, cfg = llava.load_model(tmp_path / "export", dtype=torch.float32)
+    m, _, cfg = loader.load_model(tmp_path / "export", dtype=torch.float32)
     assert cfg["llm_lora"]["r"] == 8 and m.llm.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
 
 
@@ -281,7 +269,7 @@ def test_resume_needs_the_same_number_of_processes(tmp_path):
     ck.mkdir(parents=True)
     (ck / "trainer_state.json").write_text(json.dumps({"step": 4, "epoch": 0, "consumed": 8, "world": 2, "args": {}}))
     with pytest.raises(SystemExit, match="written by 2 processes, this run has 1: resume with 2"):
-        train.load_checkpoint(None, tmp_path / "checkpoints", "step_4")  # refused before DeepSpeed reads anything
+        checkpoint.load_checkpoint(None, tmp_path / "checkpoints", "step_4")  # refused before DeepSpeed reads anything
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,15 +277,16 @@ def test_resume_needs_the_same_number_of_processes(tmp_path):
 
 
 def test_qlora_zero2_two_ranks_learn_and_agree(demo_run, tmp_path):
-    """The one-GPU QLoRA recipe on 2 ranks (XTuner's `NPROC_PER_NODE=2 python train.py ...`), ZeRO-2: every step
+    """The one-GPU QLoRA recipe on 2 ranks (`deepspeed --num_gpus 2 train.py ...`), ZeRO-2: every step
     trains on the same 8 samples, so the loss must fall at each step; each rank's own copy of the trainable weights
     is the same after the sharded optimizer steps (ZeRO-2 updates a half on each rank, then shares it)."""
     out = tmp_path / "run"
-    launch(demo_run, "xtuner", recipe_args(demo_run, "qlora-finetune-gpu1", out, "--micro-batch", "4",
+    launch(demo_run, "deepspeed", recipe_args(demo_run, "qlora-finetune-gpu1", out, "--micro-batch", "4",
                                            "--global-batch", "8", "--epochs", "3", "--lr", "3e-3", "--lora-r", "8",
                                            "--lora-dropout", "0", data="ft8.json"))
     args = json.loads((out / "args.json").read_text())
-    assert (args["llm_mode"], args["zero"], args["accumulation"], args["dtype"]) == ("qlora", 2, 1, "bf16")
+    assert (args["llm_mode"], args["deepspeed"], args["accumulation"], args["dtype"]) == (
+        "qlora", "deepspeed_zero2", 1, "bf16")
     curve = losses(out)
     assert len(curve) == 3 and curve[0] > curve[1] > curve[2]
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
@@ -307,36 +296,41 @@ def test_qlora_zero2_two_ranks_learn_and_agree(demo_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Random 8B-shaped weights and synthetic data for the GPU measurements, at tiny shapes
+# Random 8B-shaped weights and synthetic data for the GPU measurements (bench/train_synthetic.py), at tiny shapes
 
 
 def test_synthetic_data_and_random_init(tmp_path):
     import clip
     import llama
+    from bench import train_synthetic as bench
 
-    ds = train.SyntheticData(5, length=80, image_tokens=64, image_size=64, vocab_size=128256, seed=3)
+    ds = bench.SyntheticData(5, length=80, image_tokens=64, image_size=64, vocab_size=128256, seed=3)
     a, b = ds[2], ds[2]
     assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], ds[3]["input_ids"])
     ids, labels = a["input_ids"], a["labels"]
     assert ids.shape == (80,) and (ids[1:65] == -200).all() and (ids[65:] >= 0).all() and (ids < 128000).all()
     # 80 - 64 = 16 text ids, the last 8 supervised
     assert (labels[:72] == -100).all() and torch.equal(labels[72:], ids[72:])
-    assert a["pixel_values"].shape == (1, 3, 64, 64)
+    assert a["pixel_values"].shape == (1, 3, 64, 64) and ds.problems() == []
     with pytest.raises(SystemExit, match="--max-length 66 leaves no room"):
-        train.SyntheticData(5, length=66, image_tokens=64, image_size=64, vocab_size=100)
+        bench.SyntheticData(5, length=66, image_tokens=64, image_size=64, vocab_size=100)
 
-    cfg = {"vision": "tiny", "llm": "tiny", "projector": {"in": 64, "hidden": 64, "out": 64}}
-    m = train.random_model(cfg, torch.bfloat16, "cpu")
+    cfg = {"vision": bench.size_folder("tiny", clip.CLIPConfig, clip.CONFIGS, tmp_path),
+           "llm": bench.size_folder("tiny", llama.LlamaConfig, llama.CONFIGS, tmp_path / "llm"),
+           "projector": {"in": 64, "hidden": 64, "out": 64}}
+    m = bench.random_model(cfg, torch.bfloat16, "cpu")
     want = sum(p.numel() for p in llama.Llama(llama.LlamaConfig.from_name("tiny")).parameters())
     assert sum(p.numel() for p in m.llm.parameters()) == want
     assert m.vision.cfg == clip.CLIPConfig.from_name("tiny") and {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert m.llm.inv_freq.dtype == torch.float32 and torch.get_default_dtype() == torch.float32
 
+    from test_train import stub_shm_op
+
+    stub_shm_op()
     out = tmp_path / "syn"
-    res = run_inprocess(["--stage", "finetune", "--llm", "tiny", "--vision", "tiny", "--random-init", "--synthetic",
-                         "8", "--max-length", "80", "--micro-batch", "4", "--max-steps", "2", "--dtype", "fp32",
-                         "--num-workers", "0", "--zero", "2", "--lora", "--out", str(out), "--no-save",
-                         "--checkpoint-layers", "1"])
+    res = bench.main(["--stage", "finetune", "--llm", "tiny", "--vision", "tiny", "--synthetic", "8",
+                      "--max-length", "80", "--micro-batch", "4", "--max-steps", "2", "--dtype", "fp32",
+                      "--num-workers", "0", "--lora", "--out", str(out), "--checkpoint-layers", "1"])
     assert res["engine"].module.llm.activation_checkpointing == 1  # the first block recomputed, the other kept
     trainable = sum(p.numel() for p in res["engine"].module.parameters() if p.requires_grad)
     assert res["engine"].optimizer.reduce_bucket_size == trainable  # not DeepSpeed's 5e8 (train.deepspeed_config)
@@ -345,7 +339,7 @@ def test_synthetic_data_and_random_init(tmp_path):
     # N(0, 0.02) weights give near-uniform logits: the loss starts at ln(vocab)
     assert recs[0]["loss"] == pytest.approx(float(torch.log(torch.tensor(128256.0))), abs=0.1)
     assert res["losses"] == [r["loss"] for r in recs] and recs[0]["samples_s"] > 0
-    assert not (out / "checkpoints").exists() and not (out / "model").exists()  # --no-save
-    with pytest.raises(SystemExit, match="--vision tiny: no config.json there .* with --random-init a size name"):
-        train.model_config(train.parse_args(["--stage", "pretrain", "--llm", "tiny", "--vision", "tiny",
-                                             "--synthetic", "4"]))  # a size name needs --random-init
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()  # nothing saved
+    with pytest.raises(SystemExit, match=r"--vision tiny: no config.json there \(give the folder of an HF checkpoint"):
+        train.model_config(train.parse_args(["--stage", "pretrain", "--llm", "tiny", "--vision", "tiny", "--data",
+                                             "d.json"]))  # size names are for bench/train_synthetic.py only

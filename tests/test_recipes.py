@@ -1,5 +1,5 @@
-"""Every recipe file parses, and its resolved hyper-parameters are XTuner's (reference §4.2, typed in by hand here);
-the QLoRA recipe, with a tiny model substituted, really trains only LoRA + projector on an NF4 LLM."""
+"""Every recipe file parses, and its resolved hyper-parameters are XTuner's (from its LLaVA-Llama-3 configs, typed in
+by hand here); the QLoRA recipe, with a tiny model substituted, really trains only LoRA + projector on an NF4 LLM."""
 import json
 from pathlib import Path
 
@@ -25,7 +25,7 @@ INTERNVL = [f"{IV}sharegpt4v_instruct_gpt4-vision_cap100k.jsonl:{IV}data",
             f"{IV}geoqa+.jsonl:{IV}data/geoqa+",
             f"{IV}synthdog_en.jsonl:{IV}data/synthdog-en"]
 
-# reference §4.2: micro-batch, accumulation and GPUs as XTuner runs them; max length + 576 image positions
+# XTuner's configs: micro-batch, accumulation and GPUs as XTuner runs them; max length + 576 image positions
 # name: (stage, llm_mode, vision_lora, micro, acc, gpus, global, lr, max_len, save/eval, image_mode, data, folder)
 TABLE = {
     "pretrain": ("pretrain", "frozen", False, 32, 1, 8, 256, 1e-3, 1472 + 576, 500, "crop",
@@ -68,8 +68,8 @@ def test_recipe_matches_xtuner(name):
     # XTuner's common settings (§4.1): AdamW (0.9, 0.999), no weight decay, clip 1.0, 3% warmup, one epoch, 2 kept
     assert (tuple(a.betas), a.weight_decay, a.grad_clip, a.warmup_ratio, a.epochs, a.save_total_limit) == (
         (0.9, 0.999), 0.0, 1.0, 0.03, 1, 2)
-    assert (a.template, a.select_layer, a.zero, a.dtype, a.activation_checkpointing) == (
-        "llama3_chat", -2, 2, "bf16", True)
+    assert (a.template, a.select_layer, a.deepspeed, a.dtype, a.activation_checkpointing) == (
+        "llama3_chat", -2, "deepspeed_zero2", "bf16", True)
     assert a.num_workers == (0 if "gpu1" in name else 4)
     assert a.init_from == INIT_FROM.get(name)
     if mode == "qlora":
@@ -81,7 +81,7 @@ def test_recipe_matches_xtuner(name):
     assert (one.global_batch, one.accumulation) == (glob, glob // micro)
 
 
-def test_qlora_recipe_trains_only_lora_and_projector(tmp_path):
+def test_qlora_recipe_trains_only_lora_and_projector(tmp_path, capsys):
     """The real recipe with a tiny model, tiny data and a short run substituted by extra flags."""
     from safetensors.torch import load_file, save_file
 
@@ -100,6 +100,7 @@ def test_qlora_recipe_trains_only_lora_and_projector(tmp_path):
     res = run_inprocess([f"@{RECIPES / 'qlora-finetune-gpu1.args'}", "--llm", str(llm), "--vision", str(vision),
                          "--data", str(records), "--image-folder", str(tmp_path / "images"), "--init-from", str(init),
                          "--global-batch", "2", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    assert "without --init-from" not in capsys.readouterr().out  # the finetune starts from stage 1's projector
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert (args["llm_mode"], args["lora_r"], args["lora_alpha"], args["dtype"]) == ("qlora", 64, 16, "bf16")
     m = res["engine"].module

@@ -86,7 +86,7 @@ def families(tmp_path_factory):
 
 def make_run(root, family, mode, folder, vision=True):
     """A run's model/ folder as train.py leaves it, its trained weights random and nonzero."""
-    llm_mode, vision_lora = MODES[mode]
+    llm_mode, vision_lora = {**MODES, "lora": ("lora", False)}[mode]
     llm_path = root / family
     hidden = llama.LlamaConfig.from_hf_config(json.loads((llm_path / "config.json").read_text())).hidden_size
     lora_cfg = lambda targets: {"r": 4, "alpha": 8, "dropout": 0.05, "targets": targets}  # noqa: E731
@@ -121,11 +121,12 @@ def picture(path):
 
 def answer(model, tok, cfg, image=None, n=6):
     """The trained model's greedy answer, as text: the reference every consumer must reproduce."""
-    ids = data.encode_prompt(tok, cfg["template"], QUESTION, image_tokens=cfg.get("image_tokens", 0),
-                             image=image is not None)
+    text = QUESTION if image is None else "<image>\n" + QUESTION
+    ids = data.encode_prompt(tok, cfg["template"], text, image_tokens=cfg.get("image_tokens", 0),
+                             images=int(image is not None))
     pixels = None if image is None else clip.preprocess(clip.load_image(image), 32)[None]
     out = M.generate(model, [ids], pixels, max_new_tokens=n, stop_ids=data.stop_token_ids(tok, cfg["template"]))[0]
-    return tok.decode(out, skip_special=True)
+    return tok.decode(out, skip_special=True).strip()
 
 
 def chat_answer(model_dir, image=None, extra=()):
@@ -197,8 +198,14 @@ def test_every_layout_reads_back_as_trained(family, mode, layout, runs, tmp_path
             return
         assert rc == 0
     extra = []
-    if layout == "adapters":  # adapters alone hold no projector: XTuner's layout does; here the text-only check
-        assert (target / "llm_adapter" / "adapter_config.json").is_file()
+    if layout == "adapters":  # the adapters as trained, which alone are no LLaVA (no projector): every consumer
+        # says so in one line and names the layout that holds the whole model
+        llm_mode, vision_lora = MODES[mode]
+        assert (target / "llm_adapter" / "adapter_config.json").is_file() == (llm_mode in ("lora", "qlora"))
+        assert (target / "vision_adapter" / "adapter_config.json").is_file() == vision_lora
+        assert chat.main(["--model", str(target)], stdin=io.StringIO(QUESTION + "\n"), out=io.StringIO()) == 2
+        err = capsys.readouterr().err
+        assert "--to xtuner" in err and len(err.strip().splitlines()) == 1
         return
     if layout == "llm":  # the merged LLM: a LLaVA reads it back as XTuner's merged-LLM workflow does, with the
         # projector (and a merged tower, when it trained) from XTuner's folder
@@ -210,7 +217,8 @@ def test_every_layout_reads_back_as_trained(family, mode, layout, runs, tmp_path
         shutil.rmtree(xt / "visual_encoder_adapter", ignore_errors=True)
         (xt / "llava.json").unlink()
         target, extra = xt / "projector", ["--llm", str(tmp_path / "llm"), "--vision", str(clip_dir)]
-    assert chat_answer(target, r["image"], extra).endswith(r["text"])
+    got = chat_answer(target, r["image"], extra)
+    assert got.endswith(r["text"]), (got, r["text"])
     assert eval_predictions(target, r["tsv"], tmp_path / "eval", extra) == r["preds"]
     if family == "llama3":
         again = tmp_path / "again-hf"
@@ -219,7 +227,7 @@ def test_every_layout_reads_back_as_trained(family, mode, layout, runs, tmp_path
 
 
 @pytest.mark.parametrize("layout", ["run", "llm", "adapters"])
-@pytest.mark.parametrize("mode", ["full", "lora+vitlora", "qlora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("family", ["llama3", "internlm2"])
 def test_text_only_layouts_read_back_as_trained(family, mode, layout, families, tmp_path, capsys):
     run = make_run(families, family, mode, tmp_path / "run" / "model", vision=False)
@@ -238,6 +246,7 @@ def test_text_only_layouts_read_back_as_trained(family, mode, layout, families, 
 
 def test_refusals_name_a_layout_that_works(runs, tmp_path, capsys):
     r = runs("internlm2", "lora+vitlora")
+    capsys.readouterr()
     assert convert.main([str(r["run"]), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "LlavaForConditionalGeneration" in err and "--to xtuner" in err and "Traceback" not in err
@@ -246,6 +255,7 @@ def test_refusals_name_a_layout_that_works(runs, tmp_path, capsys):
 
 def test_missing_base_is_one_line_not_a_traceback(runs, families, tmp_path, capsys):
     r = runs("llama3", "lora+vitlora")
+    capsys.readouterr()  # the fixture's own output
     xt = tmp_path / "xt"
     assert convert.main([str(r["run"]), "--to", "xtuner", "--out", str(xt)]) == 0
     (xt / "llava.json").unlink()  # as XTuner itself writes it: nothing names the bases
@@ -260,6 +270,7 @@ def test_missing_base_is_one_line_not_a_traceback(runs, families, tmp_path, caps
 def test_qlora_xtuner_export_stays_on_its_nf4_base(runs, tmp_path, capsys):
     """The adapter of a QLoRA run is applied to an NF4 base again; --bf16-base asks for the full-precision one."""
     r = runs("llama3", "qlora")
+    capsys.readouterr()
     xt = tmp_path / "xt"
     assert convert.main([str(r["run"]), "--to", "xtuner", "--out", str(xt), "--fp32", "--verify"]) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,20 @@ from safetensors.torch import load_file
 
 import clip
 import data
+from extras import datasets
 import llama
 import train
-from model import IGNORE_INDEX
+from extras import checkpoint, loader
+from extras.samplers import ShuffleSampler
+from tokenizer import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = 32  # tiny CLIP input: 32 px, patch 8 -> 16 image positions per image
 
 
 def stub_shm_op():
-    """DeepSpeed JIT-builds its shared-memory op at the first init on a CPU machine (~25 s; env_check pitfall 3);
-    only inference_all_reduce uses it."""
+    """DeepSpeed JIT-builds its shared-memory op at the first init on a CPU machine (~25 s); only
+    inference_all_reduce uses it."""
     import deepspeed.comm.torch  # noqa: F401
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
@@ -103,6 +105,14 @@ def test_accumulation_from_global_batch():
     a = train.resolve_args(train.parse_args(["--stage", "finetune", "--qlora", "--no-activation-checkpointing", *req]), 1)
     assert (a.llm_mode, a.image_mode, a.lr, a.activation_checkpointing, a.accumulation) == ("qlora", "pad", 2e-4,
                                                                                           False, 1)
+    # one spelling per LLM mode: --lora / --qlora for the adapters, --llm-mode for the rest (the last one given wins)
+    assert train.parse_args(["--stage", "finetune", "--llm-mode", "full", "--lora", *req]).llm_mode == "lora"
+    assert train.parse_args(["--stage", "finetune", "--qlora", "--llm-mode", "frozen-nf4", *req]).llm_mode == "frozen-nf4"
+    for gone in (["--llm-mode", "lora"], ["--llm-mode", "qlora"], ["--zero", "2"], ["--deepspeed-config", "x.json"],
+                 ["--offload-optimizer"], ["--recipe-data", "d.json"], ["--plot"], ["--synthetic", "8"],
+                 ["--random-init"], ["--no-save"], ["--glob", "8"]):  # nor abbreviations: one spelling per option
+        with pytest.raises(SystemExit):
+            train.parse_args(["--stage", "finetune", *req, *gone])
 
 
 def test_recipe_file_comments_and_override(tmp_path):
@@ -110,14 +120,28 @@ def test_recipe_file_comments_and_override(tmp_path):
                                      "--llm a\n--vision b\n--data 'x y.json'\n")
     a = train.parse_args([f"@{tmp_path / 'r.args'}", "--lr", "3e-4"])
     assert (a.stage, a.lr, a.eval_prompt, a.data) == ("finetune", 3e-4, ["two words"], ["x y.json"])
-    # --accumulation and --global-batch: the last one given counts
+    # the command line overrides the recipe wherever the @FILE stands
+    assert train.parse_args(["--lr", "3e-4", f"@{tmp_path / 'r.args'}"]).lr == 3e-4
+    # --accumulation and --global-batch size the step: one on the command line replaces the recipe's other one
     (tmp_path / "g.args").write_text("--global-batch 64\n")
     a = train.parse_args(["--stage", "pretrain", "--llm", "a", "--vision", "b", "--data", "d", f"@{tmp_path / 'g.args'}",
                           "--accumulation", "3"])
     assert (a.global_batch, a.accumulation) == (None, 3)
-    # a repeatable flag on the command line replaces the recipe's list instead of adding to it
+    (tmp_path / "a.args").write_text("--accumulation 4\n")
+    a = train.parse_args([f"@{tmp_path / 'r.args'}", f"@{tmp_path / 'a.args'}", "--global-batch", "16"])
+    assert (a.global_batch, a.accumulation) == (16, None)
+    # ... but both in one place is an error
+    with pytest.raises(SystemExit):
+        train.parse_args([f"@{tmp_path / 'r.args'}", "--global-batch", "16", "--accumulation", "2"])
+    with pytest.raises(SystemExit):
+        train.parse_args([f"@{tmp_path / 'r.args'}", f"@{tmp_path / 'a.args'}", f"@{tmp_path / 'g.args'}"])
+    # a list flag on the command line replaces the recipe's list instead of adding to it
     a = train.parse_args([f"@{tmp_path / 'r.args'}", "--data", "mine.json", "--data=more.json"])
     assert (a.data, a.eval_prompt) == (["mine.json", "more.json"], ["two words"])
+    a = train.parse_args([f"@{tmp_path / 'r.args'}", "--eval-prompt", "other"])
+    assert (a.data, a.eval_prompt) == (["x y.json"], ["other"])
+    with pytest.raises(SystemExit):  # a recipe that is not there
+        train.parse_args([f"@{tmp_path / 'missing.args'}"])
 
 
 def test_lr_schedule():
@@ -132,19 +156,24 @@ def test_deepspeed_config_merge(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": "auto", "zero_optimization": {
         "stage": 3, "reduce_bucket_size": 5}, "bf16": {"enabled": "auto"}}))
     a = train.resolve_args(train.parse_args(["--stage", "pretrain", "--llm", "x", "--vision", "y", "--data", "d",
-                                         "--zero", "2", "--offload-optimizer", "--global-batch", "8",
-                                         "--deepspeed-config", str(tmp_path / "ds.json")]), 1)
+                                         "--global-batch", "8", "--deepspeed", str(tmp_path / "ds.json")]), 1)
     cfg = train.deepspeed_config(a)
     assert cfg["gradient_clipping"] == 1.0 and cfg["bf16"] == {"enabled": True}
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 5
-    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["overlap_comm"] is True  # deepspeed_zero2's entries the JSON leaves alone
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (1, 8)
-    # the gradient buckets: never larger than all the trainable parameters (a user's JSON still wins)
-    a.deepspeed_config = None
-    assert train.deepspeed_config(a, trainable=1234)["zero_optimization"]["reduce_bucket_size"] == 1234
+    # the presets: offload, and the gradient buckets never larger than all the trainable parameters (a user's JSON
+    # still wins, above)
+    a.deepspeed = "deepspeed_zero2_offload"
+    cfg = train.deepspeed_config(a, trainable=1234)["zero_optimization"]
+    assert cfg["offload_optimizer"]["device"] == "cpu" and cfg["reduce_bucket_size"] == 1234
+    a.deepspeed = "deepspeed_zero2"
+    assert "offload_optimizer" not in train.deepspeed_config(a)["zero_optimization"]
     assert train.deepspeed_config(a, trainable=10 ** 10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
-    a.zero = 3  # ZeRO-3 sizes its buckets by itself
+    a.deepspeed = "deepspeed_zero3"  # ZeRO-3 sizes its buckets by itself
     assert "reduce_bucket_size" not in train.deepspeed_config(a, trainable=1234)["zero_optimization"]
+    a.deepspeed = "deepspeed_zero0"
+    assert train.deepspeed_config(a)["zero_optimization"] == {"stage": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,17 +182,15 @@ def test_deepspeed_config_merge(tmp_path):
 
 def reference_step(tiny, n):
     """Loss and projector gradient of the first n samples by hand: plain PyTorch, mean over all their tokens."""
-    import model as llava
+    from tokenizer import load_tokenizer
 
     args = train.resolve_args(train.parse_args(base_args(tiny, "unused")), 1)
     cfg = train.model_config(args)
     m = train.build_llava(args, cfg, torch.device("cpu"))
     m.llm.activation_checkpointing = False
-    from tokenizer import load_tokenizer
-
-    ds = data.open_data([str(tiny["data"])], load_tokenizer(tiny["llm"]), image_folder=tiny["images"],
+    ds = datasets.open_data([str(tiny["data"])], load_tokenizer(tiny["llm"]), image_folder=tiny["images"],
                         image_tokens=cfg["image_tokens"], image_size=IMAGE, image_mode="crop", log=lambda s: None)
-    order = list(data.ShuffleSampler(len(ds), seed=args.seed))[:n]  # the samples train.py's first step sees
+    order = list(ShuffleSampler(len(ds), seed=args.seed))[:n]  # the samples train.py's first step sees
     total, count = 0.0, 0
     for i in order:
         b = data.collate([ds[i]], image_tokens=cfg["image_tokens"])
@@ -187,14 +214,14 @@ def test_loss_and_gradients_equal_across_splits(tiny, tmp_path, monkeypatch):
             seen.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
             return super().step(closure)
 
-    monkeypatch.setattr(train, "make_optimizer", lambda params, args, device: RecordingAdamW(
+    monkeypatch.setattr(train, "make_optimizer", lambda params, args, device, zero: RecordingAdamW(
         params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay))
     names = ["linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"]  # parameter order
     for micro, acc in ((4, 1), (2, 2), (1, 4)):
         out = tmp_path / f"m{micro}"
         seen.clear()
         res = run_inprocess(base_args(tiny, out, "--micro-batch", str(micro), "--accumulation", str(acc),
-                                      "--max-steps", "1", "--zero", "0"))
+                                      "--max-steps", "1", "--deepspeed", "deepspeed_zero0"))
         rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         assert rec["loss"] == pytest.approx(ref_loss, rel=1e-5) and res["losses"] == [rec["loss"]]
         assert rec["gnorm"] == pytest.approx(ref_gnorm, rel=1e-5)
@@ -213,28 +240,29 @@ RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import deepspeed.comm.torch
-sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # env_check pitfall 3
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no JIT build of DeepSpeed's CPU op
 import train
+from extras import checkpoint, monitor
 
 kill_at = int(os.environ.get("KILL_AT_STEP", 0))            # SIGKILL right after this optimizer step
 kill_in_save = int(os.environ.get("KILL_IN_SAVE_AT_STEP", 0))  # SIGKILL inside this step's checkpoint write
 
-step_fn = train.Progress.step
+step_fn = monitor.Progress.step
 def step(self, step, *a, **k):
     rec = step_fn(self, step, *a, **k)
     if step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return rec
-train.Progress.step = step
+monitor.Progress.step = step
 
-write_fn = train.write_checkpoint_files
+write_fn = checkpoint.write_checkpoint_files
 def write(engine, folder, tag, state):
     if state["step"] == kill_in_save:
         # DeepSpeed's files are in the temporary folder, ours (trainer_state.json) not yet: the worst moment
         engine.save_checkpoint(str(folder), tag=tag, save_latest=False, exclude_frozen_parameters=True)
         os.kill(os.getpid(), signal.SIGKILL)
     return write_fn(engine, folder, tag, state)
-train.write_checkpoint_files = write
+checkpoint.write_checkpoint_files = write
 
 train.main(sys.argv[1:])
 """
@@ -272,7 +300,7 @@ def metrics(out):
 
 def test_two_processes_zero2_same_curve_as_one(tiny, tmp_path, runner):
     """Global batch 4 as 2 ranks x micro 2 (ZeRO-2, gloo) and as 1 rank x micro 2 x accumulation 2."""
-    args = ["--micro-batch", "2", "--global-batch", "4", "--max-steps", "4", "--zero", "2"]
+    args = ["--micro-batch", "2", "--global-batch", "4", "--max-steps", "4", "--deepspeed", "deepspeed_zero2"]
     run_process(runner, base_args(tiny, tmp_path / "two", *args), nproc=2)
     run_process(runner, base_args(tiny, tmp_path / "one", *args))
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
@@ -289,7 +317,7 @@ def test_kill_and_resume_is_exact(tiny, tmp_path, runner):
     Killed after step 5, resumed and killed again inside the step-6 checkpoint write, resumed again: the losses and
     the final weights are bit-identical to a run never killed."""
     args = ["--stage", "finetune", "--lora", "--lora-r", "4", "--lora-dropout", "0.1", "--lr", "1e-3",
-            "--micro-batch", "2", "--accumulation", "2", "--epochs", "2", "--save-steps", "3", "--zero", "2"]
+            "--micro-batch", "2", "--accumulation", "2", "--epochs", "2", "--save-steps", "3"]  # ZeRO-2: the default
     ref, run = tmp_path / "ref", tmp_path / "run"
     run_process(runner, base_args(tiny, ref, *args))
     run_process(runner, base_args(tiny, run, *args), expect_kill=True, KILL_AT_STEP=5)
@@ -302,6 +330,8 @@ def test_kill_and_resume_is_exact(tiny, tmp_path, runner):
 
     p = run_process(runner, base_args(tiny, run, *args, "--resume", "auto"))
     assert "resumed from" in p.stdout and "step_3" in p.stdout
+    # a finetune without --init-from says that its projector starts from random weights
+    assert "warning: --stage finetune without --init-from: the projector starts from random weights" in p.stdout
     got, want = metrics(run), metrics(ref)
     assert [r["step"] for r in got] == list(range(1, 9)) == [r["step"] for r in want]
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bit-exact on CPU fp32
@@ -348,8 +378,8 @@ def test_bad_data_training_completes_and_reports(tiny, tmp_path, capsys):
     path.write_text(json.dumps(records))
     out = tmp_path / "run"
     with pytest.warns(data.DataWarning):
-        res = run_inprocess(base_args(tiny, out, "--max-length", "64", "--micro-batch", "2", "--zero", "1",
-                                      data=path, images=img))
+        res = run_inprocess(base_args(tiny, out, "--max-length", "64", "--micro-batch", "2", "--deepspeed",
+                                      "deepspeed_zero1", data=path, images=img))
     text = capsys.readouterr().out
     # 17 records: 4 bad + 1 too long dropped, 1 truncated inside its answer, 12 samples; 3 images fail at load time
     assert "17 records -> 12 samples | dropped 5 (4 bad, 1 too long, 0 with nothing supervised) | truncated 1" in text
@@ -357,6 +387,33 @@ def test_bad_data_training_completes_and_reports(tiny, tmp_path, capsys):
     assert [rid for _, rid in res["unreadable"]] == ["missing", "not_an_image", "truncated"]
     assert [r["step"] for r in metrics(out)] == list(range(1, 7)) and all(np.isfinite(res["losses"]))
     assert (out / "model" / "projector.safetensors").exists()
+    # every dropped record, one JSON object each, where it is and why; the summary points there
+    bad = [json.loads(ln) for ln in (out / "bad_records.jsonl").read_text().splitlines()]
+    assert [b["id"] for b in bad] == ["no_conversations", "unknown_from", "placeholder_without_image",
+                                      "more_placeholders", "too_long"]
+    assert all(b["file"] == str(path) and b["reason"] for b in bad) and [b["index"] for b in bad] == [11, 12, 13, 14, 15]
+    assert f"all 5 dropped records, each with its reason: {out}/bad_records.jsonl" in text
+
+
+def test_every_bad_record_is_listed(tiny, tmp_path):
+    """More bad records than the log shows (5): bad_records.jsonl holds all of them, the data report counts them all
+    and names the file."""
+    from extras.train_data import data_report, make_sampler, open_dataset
+    from tokenizer import load_tokenizer
+
+    records = [{"id": f"bad{i}", "conversations": [{"from": "robot", "value": "?"}]} for i in range(8)]
+    records += [{"id": f"good{i}", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A thing."}]} for i in range(4)]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    args = train.resolve_args(train.parse_args(base_args(tiny, tmp_path / "run", data=tmp_path / "d.json")), 1)
+    (tmp_path / "run").mkdir()
+    ds = open_dataset(args, load_tokenizer(tiny["llm"]), train.model_config(args))
+    bad = [json.loads(ln) for ln in (tmp_path / "run" / "bad_records.jsonl").read_text().splitlines()]
+    assert [b["id"] for b in bad] == [f"bad{i}" for i in range(8)] and len(ds) == 4
+    assert all("unknown 'from'" in b["reason"] and b["line"] > 0 for b in bad)
+    report = data_report(ds, make_sampler(args, ds), tmp_path / "run")
+    assert "12 records -> 4 samples | dropped 8 (8 bad, " in report
+    assert report.endswith(f"| all 8 dropped records, each with its reason: {tmp_path / 'run'}/bad_records.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,8 +426,9 @@ def test_progress_eval_output_and_plot(tiny, tmp_path, capsys):
     out = tmp_path / "runs" / "p"
     res = run_inprocess(base_args(tiny, out, "--micro-batch", "4", "--max-steps", "2", "--eval-image",
                                   str(tiny["images"] / "0.png"), "--eval-every", "1", "--eval-prompt", "What is it?",
-                                  "--eval-max-new-tokens", "3", "--plot"))
+                                  "--eval-max-new-tokens", "3"))
     text = capsys.readouterr().out
+    assert f"curves: python tools/plot.py {out}" in text and "without --init-from" not in text
     lines = [ln for ln in text.splitlines() if ln.startswith("step ")]
     assert len(lines) == 2
     for ln in lines:  # mfu and mem appear only on a GPU whose peak is known
@@ -385,10 +443,32 @@ def test_progress_eval_output_and_plot(tiny, tmp_path, capsys):
     assert (cfg["llm"], cfg["image_mode"], cfg["image_tokens"], cfg["llm_mode"]) == (str(tiny["llm"]), "crop", 16,
                                                                                       "frozen")
     assert os.readlink(tmp_path / "runs" / "latest") == "p/model"
-    import model as llava
-
-    m, _, _ = llava.load_model(tmp_path / "runs" / "latest", dtype=torch.float32)  # what chat / eval read
+    m, _, _ = loader.load_model(tmp_path / "runs" / "latest", dtype=torch.float32)  # what chat / eval read
     saved = load_file(out / "model" / "projector.safetensors")
     assert torch.equal(m.projector.linear_2.bias, saved["linear_2.bias"])
+    from tools import plot
+
+    plot.main([str(out)])
     png = Image.open(out / "metrics.png")
     assert png.size == (900, 640) and len(png.getcolors(1 << 16)) > 2  # white, black and the curves
+
+
+def test_text_only_run_answers_eval_prompts_as_text(tiny, tmp_path, capsys):
+    """--stage sft with --eval-prompt: the prompts are answered as text at the start, every --eval-every steps and at
+    the end (no image); without --eval-prompt nothing is evaluated (XTuner's default prompts ask about a picture)."""
+    msgs = [{"id": f"m{i}", "messages": [{"role": "user", "content": "say hi"},
+                                         {"role": "assistant", "content": " ".join(WORDS[: 2 + i])}]} for i in range(4)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    common = ["--stage", "sft", "--llm", str(tiny["llm"]), "--data", str(tmp_path / "m.jsonl"), "--lora", "--lora-r",
+              "2", "--dtype", "fp32", "--num-workers", "0", "--micro-batch", "2", "--max-steps", "2"]
+    out = tmp_path / "runs" / "sft"
+    run_inprocess([*common, "--out", str(out), "--eval-prompt", "say hi", "--eval-every", "1",
+                   "--eval-max-new-tokens", "3"])
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step_0.txt", "step_1.txt", "step_2.txt"]
+    assert (out / "eval" / "step_2.txt").read_text().startswith("[say hi]\n")
+    assert "--- eval at step 0 ---" in capsys.readouterr().out
+    quiet = tmp_path / "runs" / "quiet"
+    run_inprocess([*common, "--out", str(quiet)])
+    assert not (quiet / "eval").exists() and "--- eval at" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # an image is still not for a text-only run
+        train.parse_args([*common, "--eval-image", str(tiny["images"] / "0.png")])

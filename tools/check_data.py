@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import clip  # noqa: E402
 import data  # noqa: E402
+from extras import datasets  # noqa: E402
 from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, load_tokenizer  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def check(specs, image_folder=None, tok=None, template="llama3_chat", max_length
           workers=8, out=None):
     """Every bad record and image of the data, printed one per line. Returns the list of data.Problems."""
     problems, stats = [], Counter()
-    for path, folder in [s for spec in specs for s in data.parse_data_spec(spec, image_folder)]:
+    for path, folder in [s for spec in specs for s in datasets.parse_data_spec(spec, image_folder)]:
         folder = folder or path.parent
         jobs = []  # (sample, image path) to open
         try:
@@ -122,10 +123,10 @@ def main(argv=None):
         problems = check(args.data, args.image_folder, tok, args.template, args.max_length, args.image_tokens,
                          args.workers)
         return 1 if problems else 0
-    ds = data.open_data(args.data, tok, args.template, args.image_folder, image_tokens=args.image_tokens,
+    ds = datasets.open_data(args.data, tok, args.template, args.image_folder, image_tokens=args.image_tokens,
                         max_length=args.max_length)
     n = len(ds) if args.n is None and args.jsonl else min(args.n or 3, len(ds))
-    parts = ds.datasets if isinstance(ds, data.LLaVAMix) else [ds]
+    parts = ds.datasets if isinstance(ds, datasets.LLaVAMix) else [ds]
     shown = 0
     for d in parts:
         for i in range(len(d)):

@@ -1,0 +1,92 @@
+"""Fast inference on a GPU, for chat.py and eval_mmbench.py: fewer, larger matrices and a decode step replayed
+from a CUDA graph. Neither changes an output beyond float rounding; neither is for training or saving.
+
+    fuse_projections(llm)   q/k/v and gate/up of every block stacked into one matrix each (Llama.forward then
+                            takes one GEMM for each group; gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`)
+    GraphedDecodeStep()     `generate(..., step_fn=GraphedDecodeStep())`: model.decode_step as one CUDA graph
+"""
+
+import torch
+import torch.nn as nn
+
+import model
+
+
+def stack_linears(*linears):
+    """One bias-free nn.Linear whose output is the outputs of `linears` side by side: their weights stacked by rows
+    (a new tensor; the caller drops the old layers, so the memory is not doubled). Inference only: frozen."""
+    w = torch.cat([m.weight.detach() for m in linears])  # (sum of out_features, in_features)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    return fused
+
+
+def unfusable_projections(llm):
+    """The q/k/v and gate/up projections fuse_projections cannot stack, as "name (type)": anything but a plain
+    bias-free nn.Linear, i.e. LoRA layers and NF4-quantized ones (lora.LoRALinear). Empty: fusion can go ahead."""
+    return [f"{name} ({type(m).__name__})" for name, m in llm.named_modules()
+            if name.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+            and (type(m) is not nn.Linear or m.bias is not None)]
+
+
+def fuse_projections(llm):
+    """Inference only: in every block, stack q_proj, k_proj, v_proj into one `qkv_proj` and gate_proj, up_proj
+    into one `gate_up_proj`, in place; returns llm. Same outputs (each output row is the same dot product).
+
+    Batch-1 decode reads every weight once per token, so its speed is the GEMVs' memory bandwidth, and a small
+    GEMV streams worse than a large one (BENCHMARKS.md measures the 1024-row k_proj / v_proj). Two GEMVs per
+    block instead of five, and fewer kernel launches. The old weights are freed. Parameter names change (no checkpoint has these keys), so a fused model is not
+    for saving (save_llama refuses it) or training (train() refuses it): load the model again for that.
+    LoRA and NF4 layers cannot be stacked (see unfusable_projections); merge them first (lora.merge_lora).
+    Compiled blocks retrace by themselves (dynamo guards on the layers); a CUDA graph captured before fusing
+    would replay on the freed weights, so capture after it (a new GraphedDecodeStep)."""
+    if llm.fused:
+        return llm
+    blocked = unfusable_projections(llm)
+    if blocked:
+        raise ValueError(f"fuse_projections: {len(blocked)} projections are not plain bias-free nn.Linear layers "
+                         f"(e.g. {', '.join(blocked[:3])}); a LoRA adapter or an NF4 weight belongs to its own "
+                         "matrix and cannot be stacked. Merge the adapters into the weights first "
+                         "(lora.merge_lora, which also dequantizes NF4), or leave the projections unfused")
+    for layer in llm.layers:
+        a, m = layer.self_attn, layer.mlp
+        a.qkv_proj = stack_linears(a.q_proj, a.k_proj, a.v_proj)  # (H + 2 Hkv) D rows: [q | k | v]
+        del a.q_proj, a.k_proj, a.v_proj
+        m.gate_up_proj = stack_linears(m.gate_proj, m.up_proj)  # 2 x intermediate rows: [gate | up]
+        del m.gate_proj, m.up_proj
+    llm.fused = True
+    return llm
+
+
+class GraphedDecodeStep:
+    """decode_step replayed from a CUDA graph: `generate(..., step_fn=GraphedDecodeStep())` on a GPU.
+
+    An eager decode step of an 8B Llama launches about a thousand small kernels and the GPU waits on Python between
+    them; a graph launches them all at once, so a step costs about its kernels' own time (BENCHMARKS.md compares the
+    two). After `llm.compile_blocks()` the graph replays the compiled blocks, whose fused kernels are fewer still.
+    The graph is captured on the first call and again whenever the KV cache was rebuilt (another batch or length): it reads and writes the cache buffers it was
+    captured on, and its inputs are copied into its own static tensors before each replay. It also reads the
+    weights it was captured on: after fuse_projections, use a new GraphedDecodeStep."""
+
+    def __init__(self):
+        self.graph, self.key = None, None
+
+    def __call__(self, llm, token, position, cache_pos, key_valid):
+        args = (token, position, cache_pos, key_valid)
+        key = (llm.layers[0].self_attn.cache.k.data_ptr(), tuple(key_valid.shape))
+        if key != self.key:
+            self.inputs = [a.clone() for a in args]
+            side = torch.cuda.Stream()  # warm up off the capture (cuBLAS and SDPA pick their kernels here)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # writes this step's keys/values into their slot: the replay rewrites the same
+                    model.decode_step(llm, *self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.decode_step(llm, *self.inputs)  # (B, V), rewritten by every replay
+            self.key = key
+        for buf, a in zip(self.inputs, args):
+            buf.copy_(a)
+        self.graph.replay()
+        return self.logits
