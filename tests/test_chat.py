@@ -387,3 +387,21 @@ def test_sample_draws_follow_hf_filters(temperature, top_k, top_p):
     assert (freq - p_ref).abs().max() < 0.02  # 20k draws: one standard deviation is at most 0.0035
     again = llava.sample(logits.expand(N, V), temperature, top_k, top_p, generator=torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)  # a fixed generator repeats
+
+
+def test_typed_image_placeholder_stays_text(run, calls):
+    """`<image>` typed in a message is text, on the first turn with an image as on any other: the prompt holds exactly
+    one image's positions per attached image, and the typed placeholder is encoded as the user typed it."""
+    model_dir, image, tok = run
+    typed = "What does <image> mean here?"
+    rc, out = talk(model_dir, [typed, "and <image><image> now?"], "--image", str(image), "--temperature", "0",
+                   "--max-new-tokens", "4")
+    assert rc == 0 and len(calls) == 2
+    assert calls[0]["prompt"] == [tok.bos_id] + user_turn(tok, typed, 64)  # one image; the typed one is text
+    assert calls[0]["prompt"].count(llava.IMAGE_TOKEN_INDEX) == 64
+    assert llava.IMAGE_TOKEN_INDEX not in calls[1]["prompt"]
+    assert calls[1]["prompt"][-len(user_turn(tok, "and <image><image> now?")):] == user_turn(tok, "and <image><image> now?")
+    # text-only: every typed placeholder stays text too
+    calls.clear()
+    rc, _ = talk(model_dir, [typed], "--temperature", "0", "--max-new-tokens", "2")
+    assert rc == 0 and calls[0]["prompt"] == [tok.bos_id] + user_turn(tok, typed)

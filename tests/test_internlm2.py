@@ -596,6 +596,10 @@ def test_sft_qlora_recipe_trains_packed_merges_and_chats(tmp_path, sp_model, one
                          stdin=io.StringIO("what is this?\nwhat color is the cat?\nEXIT\nnever read\n"), out=out)
         return code, out.getvalue()
 
+    # convert.py's llava.json names the template; a plain LLM folder without it does not, so it must be said
+    assert json.loads((tmp_path / "merged" / "llava.json").read_text())["template"] == "internlm2_chat"
+    assert talk("--model", str(tmp_path / "merged"), "--template", "llama3_chat")[0] == 2
+    (tmp_path / "merged" / "llava.json").unlink()
     assert talk("--model", str(tmp_path / "merged"))[0] == 2  # which template? it must be said
     code, text = talk("--model", str(tmp_path / "merged"), "--template", "internlm2_chat")
     answers = [ln for ln in text.splitlines() if ln and not ln.startswith("[")]
