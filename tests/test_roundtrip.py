@@ -33,6 +33,7 @@ import lora
 import model as M
 from extras import loader
 from extras.hf_tokenizer import write_hf_tokenizer
+from test_convert import _randomize
 from test_internlm2 import hf_model, write_internlm2
 from tokenizer import load_tokenizer
 
@@ -41,13 +42,6 @@ MODES = {  # name: (llm_mode, vision LoRA)
     "projector": ("frozen", False), "full": ("full", False), "full+vitlora": ("full", True),
     "lora+vitlora": ("lora", True), "qlora": ("qlora", False)}
 LAYOUTS = ["run", "hf", "xtuner", "official", "adapters", "llm"]
-
-
-def _randomize(module, std):
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn_like(p) * std)
 
 
 @pytest.fixture(scope="module")
