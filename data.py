@@ -6,8 +6,9 @@
       -> fit_length           the length policy (image positions count)       -> kept / truncated / dropped
       -> collate              a (B, T) batch for model.LLaVA, images checked against their positions
 
-extras/datasets.py holds the datasets built from these steps (a records file or a mix, images loaded per item by
-clip.preprocess), extras/samplers.py the epoch orders, extras/packing.py the packing of text samples into rows.
+extras/datasets.py reads records files (json / jsonl, each record with its line number) and holds the datasets
+built from these steps (a records file or a mix, images loaded per item by clip.preprocess); extras/samplers.py the
+epoch orders, extras/packing.py the packing of text samples into rows.
 
 Token-for-token equal to XTuner v0.2.0 (`xtuner/dataset/map_fns/dataset_map_fns/{llava,openai}_map_fn.py`,
 `.../template_map_fn.py`, `encode_fn` in `xtuner/dataset/utils.py`, `xtuner/utils/templates.py`,
@@ -24,19 +25,12 @@ Token-for-token equal to XTuner v0.2.0 (`xtuner/dataset/map_fns/dataset_map_fns/
 * Bad data never crashes an epoch: a bad record is dropped at build time, counted and listed by `problems()`; an
   image that fails to load is reported with a warning and a sample drawn at random is trained instead (batch sizes
   never change). `python tools/check_data.py check DATA...` finds them all up front.
-* Samplers never repeat samples to round up (the last `n % world_size` of an epoch are left out, reported as
-  `n_left_out`) and resume mid-epoch by skipping indices.
 
-Data specs (`--data`, repeatable; sources are concatenated in order, as XTuner's InternVL-SFT `ConcatDataset`):
-`records.json[:IMAGE_FOLDER]` (a list of records), `records.jsonl[:IMAGE_FOLDER]`, or a mix file holding
-`{"datasets": [{"path": ..., "image_folder": ...}]}` (paths relative to it). A source without an image folder uses
-`--image-folder`, else its own directory.
 """
 import json
 import re
 import string
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -228,64 +222,6 @@ def parse_record(record, line=0, index=0):
     except RecordError as e:
         raise RecordError(e.reason, rid) from None
     return Sample(rid, turns, images, line, index)
-
-
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _json_list(text, path):
-    # raw_decode one element at a time (instead of json.loads) so every record knows its line number
-    decoder, pos = json.JSONDecoder(), _WS.match(text, 0).end()
-    if text[pos : pos + 1] != "[":
-        raise DataError(f"{path}: a .json records file must hold a list of records (use .jsonl for one per line)")
-    pos = _WS.match(text, pos + 1).end()
-    line, counted = 1 + text.count("\n", 0, pos), pos
-    if text[pos : pos + 1] == "]":
-        return
-    while True:
-        line, counted = line + text.count("\n", counted, pos), pos
-        try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        yield line, obj
-        pos = _WS.match(text, pos).end()
-        if text[pos : pos + 1] == "]":
-            return
-        if text[pos : pos + 1] != ",":
-            raise DataError(f"{path}: expected ',' or ']' at line {1 + text.count(chr(10), 0, pos)}")
-        pos = _WS.match(text, pos + 1).end()
-
-
-def _read_records(path):
-    """Yield (line, record, error) for every record of a .json list or a .jsonl file; error is a string or None.
-    A bad .jsonl line is one bad record; a .json list that does not parse is a DataError (it cannot be resynced)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no records file at {path}")
-    with open(path, encoding="utf-8") as f:
-        if path.suffix != ".jsonl":
-            yield from ((line, record, None) for line, record in _json_list(f.read(), path))
-            return
-        for line, text in enumerate(f, 1):
-            if text.strip():
-                try:
-                    yield line, json.loads(text), None
-                except json.JSONDecodeError as e:
-                    yield line, None, f"invalid JSON: {e.msg} (column {e.colno})"
-
-
-def iter_samples(path):
-    """Yield a Sample for every good record of a file and a Problem for every bad one."""
-    for index, (line, record, error) in enumerate(_read_records(path)):
-        rid = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else "?"
-        try:
-            if error is not None:
-                raise RecordError(error)
-            item = parse_record(record, line, index)
-        except RecordError as e:
-            item = Problem(str(path), index, line, rid, e.reason)
-        yield item
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from extras.distributed import all_reduce_sum, gather_union, init_distributed, l
 from extras.monitor import Progress, done, evaluate, evaluates, flops_per_token, summary
 from extras.train_data import data_report, make_loader, make_sampler, open_dataset
 from model import LLM_LORA_TARGETS, VISION_LORA_TARGETS
-from tokenizer import IGNORE_INDEX, load_tokenizer
+from tokenizer import IGNORE_INDEX
 from weights import read_json
 
 # XTuner's `--deepspeed` names (xtuner/configs/deepspeed/*.json): (ZeRO stage, optimizer states in CPU memory);
@@ -367,7 +367,7 @@ def train(args, base=loader.build_model, dataset=None, save=True):
             "--init-from RUN (the pretrain run's folder or model/, or XTuner's iter_N.pth) to start from stage 1")
 
     cfg = model_config(args)
-    tok = None if dataset else load_tokenizer(args.llm)
+    tok = None if dataset else loader.load_tokenizer(args.llm)
     ds = dataset or open_dataset(args, tok, cfg)
     sampler = make_sampler(args, ds)
     m = build_llava(args, cfg, device, base)

@@ -4,6 +4,11 @@ data.py turns one record into ids and labels; here those are made for a whole re
 InternVL recipe), stored compactly, and served to train.py's DataLoader. A record that cannot be used is dropped and
 listed (`problems()`, written by train.py to the run folder); a sample whose image fails to load at training time is
 replaced by another sample drawn at random, so no neighbour is trained twice in its place.
+
+Data specs (`--data`, repeatable; sources are concatenated in order, as XTuner's InternVL-SFT `ConcatDataset`):
+`records.json[:IMAGE_FOLDER]` (a list of records), `records.jsonl[:IMAGE_FOLDER]`, or a mix file holding
+`{"datasets": [{"path": ..., "image_folder": ...}]}` (paths relative to it). A source without an image folder uses
+`--image-folder`, else its own directory.
 """
 
 import json
@@ -20,8 +25,73 @@ import torch
 from tqdm import tqdm
 
 import clip
-from data import DataError, DataWarning, Problem, encode_sample, get_template, iter_samples
+from data import DataError, DataWarning, Problem, RecordError, encode_sample, get_template, parse_record
 from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records files
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_list(text, path):
+    # raw_decode one element at a time (instead of json.loads) so every record knows its line number
+    decoder, pos = json.JSONDecoder(), _WS.match(text, 0).end()
+    if text[pos : pos + 1] != "[":
+        raise DataError(f"{path}: a .json records file must hold a list of records (use .jsonl for one per line)")
+    pos = _WS.match(text, pos + 1).end()
+    line, counted = 1 + text.count("\n", 0, pos), pos
+    if text[pos : pos + 1] == "]":
+        return
+    while True:
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        yield line, obj
+        pos = _WS.match(text, pos).end()
+        if text[pos : pos + 1] == "]":
+            return
+        if text[pos : pos + 1] != ",":
+            raise DataError(f"{path}: expected ',' or ']' at line {1 + text.count(chr(10), 0, pos)}")
+        pos = _WS.match(text, pos + 1).end()
+
+
+def _read_records(path):
+    """Yield (line, record, error) for every record of a .json list or a .jsonl file; error is a string or None.
+    A bad .jsonl line is one bad record; a .json list that does not parse is a DataError (it cannot be resynced)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no records file at {path}")
+    with open(path, encoding="utf-8") as f:
+        if path.suffix != ".jsonl":
+            yield from ((line, record, None) for line, record in _json_list(f.read(), path))
+            return
+        for line, text in enumerate(f, 1):
+            if text.strip():
+                try:
+                    yield line, json.loads(text), None
+                except json.JSONDecodeError as e:
+                    yield line, None, f"invalid JSON: {e.msg} (column {e.colno})"
+
+
+def iter_samples(path):
+    """Yield a Sample for every good record of a file and a Problem for every bad one."""
+    for index, (line, record, error) in enumerate(_read_records(path)):
+        rid = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else "?"
+        try:
+            if error is not None:
+                raise RecordError(error)
+            item = parse_record(record, line, index)
+        except RecordError as e:
+            item = Problem(str(path), index, line, rid, e.reason)
+        yield item
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
 
 
 class BaseDataset(torch.utils.data.Dataset):

@@ -1,5 +1,5 @@
 """Writing a Llama-3 tokenizer as HF files (tokenizer.json, tokenizer_config.json, special_tokens_map.json), for
-the HF LLaVA export; tokenizer.py reads them back (`TiktokenTokenizer.from_tokenizer_json`).
+the HF LLaVA export; extras/tokenizer_files.py reads them back (`from_tokenizer_json`).
 
 The written `tokenizer.json` is a byte-level BPE in HF tokenizers' format: the vocabulary spelled with GPT-2's
 `bytes_to_unicode`, the merge list derived from the ranks (`bpe_merges`), the Llama-3 split regex as pre-tokenizer.
@@ -9,7 +9,8 @@ Reference: HF tokenizers' `tokenizer.json` format and `transformers.convert_slow
 import json
 from pathlib import Path
 
-from tokenizer import TiktokenTokenizer, bytes_to_unicode
+from extras.tokenizer_files import bytes_to_unicode
+from tokenizer import TiktokenTokenizer
 from weights import atomic_write
 
 

@@ -33,7 +33,7 @@ import llama
 import lora
 from extras import internlm2, xtuner
 from model import LLM_LORA_TARGETS, LLaVA, Projector
-from tokenizer import load_tokenizer
+from extras.tokenizer_files import load_tokenizer
 from weights import CheckpointReader, load_with_table, read_json, save_safetensors, write_json
 
 LLM_MODEL_TYPES = ("llama", "internlm2")  # config.json model_type of the LLM folders load_llm reads
@@ -197,7 +197,9 @@ def hf_llava_keys(new_layout=False, vision_table=clip.HF_KEYS):
     return table
 
 
-def _load_hf(folder, dtype, device):
+def load_hf_llava(folder, dtype=torch.bfloat16, device="cpu"):
+    """The weights of an HF `LlavaForConditionalGeneration` folder -> (our LLaVA, its card); no tokenizer."""
+    folder = Path(folder)
     hf = read_json(folder / "config.json")
     vcfg = clip.CLIPConfig.from_hf_config(hf["vision_config"])
     tcfg = llama.LlamaConfig.from_hf_config(hf["text_config"])
@@ -223,7 +225,12 @@ def _load_hf(folder, dtype, device):
     cfg = {"layout": "hf", "select_layer": select, "image_mode": "pad", "image_size": vcfg.image_size,
            "image_tokens": vcfg.num_patches, "image_token_index": hf.get("image_token_index"),
            "llm_mode": "full", "vision_mode": "full"}
-    return model.eval(), load_tokenizer(folder), cfg
+    return model.eval(), cfg
+
+
+def _load_hf(folder, dtype, device):
+    model, cfg = load_hf_llava(folder, dtype, device)
+    return model, load_tokenizer(folder), cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------

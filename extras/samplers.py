@@ -2,6 +2,8 @@
 
 ShuffleSampler is a plain seeded shuffle (pretraining); LengthGroupedSampler is XTuner's (and LLaVA's) modality-
 and length-grouped order for finetuning: samples of similar length in a batch, images and text-only apart.
+Samplers never repeat samples to round up (the last `n % world_size` of an epoch are left out, reported as
+`n_left_out`) and resume mid-epoch by skipping indices.
 """
 
 import numpy as np

@@ -24,7 +24,7 @@ import chat
 import clip
 import llama
 import model as llava
-from tokenizer import load_tokenizer
+from extras.tokenizer_files import load_tokenizer
 from extras import loader
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import data
 import llama
 import lora
 import model as M
-from tokenizer import load_tokenizer
+from extras.tokenizer_files import load_tokenizer
 from extras.hf_tokenizer import write_hf_tokenizer
 from weights import read_json
 from extras import loader

@@ -28,7 +28,8 @@ from tiktoken.load import load_tiktoken_bpe  # TIKTOKEN_CACHE_DIR="" (tests/conf
 import data
 from extras import datasets
 from data import Turn
-from tokenizer import IGNORE_INDEX as IGN, IMAGE_TOKEN_INDEX as IMG, SentencePieceTokenizer, TiktokenTokenizer
+from extras.tokenizer_files import SentencePieceTokenizer
+from tokenizer import IGNORE_INDEX as IGN, IMAGE_TOKEN_INDEX as IMG, TiktokenTokenizer
 from tools import check_data
 from extras import samplers
 
@@ -239,16 +240,16 @@ def test_json_list_line_numbers(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps(records, indent=1))
     text = path.read_text().splitlines()
-    out = list(data.iter_samples(path))
+    out = list(datasets.iter_samples(path))
     assert [type(x).__name__ for x in out] == ["Sample", "Problem", "Sample"]
     for x, rid in zip(out, "abc"):
         assert '"id": "%s"' % rid in text[x.line]  # the record's first line is x.line; its "id" is on the next
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in records[:1]) + "\n\n{not json\n")
-    out = list(data.iter_samples(tmp_path / "r.jsonl"))
+    out = list(datasets.iter_samples(tmp_path / "r.jsonl"))
     assert out[1].line == 3 and "invalid JSON" in out[1].reason
     (tmp_path / "broken.json").write_text('[{"id": 1},\n {"id": ')
     with pytest.raises(data.DataError, match="broken.json: invalid JSON at line 2"):
-        list(data.iter_samples(tmp_path / "broken.json"))
+        list(datasets.iter_samples(tmp_path / "broken.json"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def test_models_are_seeded(models_dir, tmp_path):
 def test_tokenizer_is_metas_llama3(models_dir):
     import llama_models
 
-    from tokenizer import load_tokenizer
+    from extras.tokenizer_files import load_tokenizer
     copied = models_dir / "llm" / "original" / "tokenizer.model"
     shipped = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
     assert copied.read_bytes() == shipped.read_bytes() and copied.stat().st_size == 2_183_982

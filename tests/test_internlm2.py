@@ -20,7 +20,7 @@ from extras import datasets
 import llama
 from data import IGNORE_INDEX as IGN
 from data import Turn
-from tokenizer import SentencePieceTokenizer, load_tokenizer
+from extras.tokenizer_files import SentencePieceTokenizer, load_tokenizer
 from extras import internlm2, loader, packing
 
 H, HKV, D = 6, 2, 16  # GQA with 3 query heads per KV head, so the grouping is visible

@@ -31,28 +31,8 @@ def hf_and_ours(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.02)
     folder = tmp_path_factory.mktemp("hf_llava")
     hf.save_pretrained(folder)
-    ours, _, _ = _load(folder)
+    ours, _ = loader.load_hf_llava(folder, torch.float32)  # the loader chat.py / eval / convert use
     return hf, ours
-
-
-def _load(folder):
-    # the tiny HF folder has no tokenizer; load the weights through the same key table load_hf_llava uses
-    from weights import CheckpointReader, load_with_table
-    import clip, llama
-    from weights import read_json
-    hf = read_json(folder / "config.json")
-    vcfg = clip.CLIPConfig.from_hf_config(hf["vision_config"])
-    tcfg = llama.LlamaConfig.from_hf_config(hf["text_config"])
-    with torch.device("meta"):
-        m = M.LLaVA(clip.CLIPVisionTower(vcfg), M.Projector(vcfg.hidden_size, tcfg.hidden_size), llama.Llama(tcfg))
-    reader = CheckpointReader(folder)
-    keys = reader.keys()
-    new = any(k.startswith("model.language_model.") for k in keys)
-    vis = "model.vision_tower." if new else "vision_tower."
-    table = loader.hf_llava_keys(new, clip.table_for([k[len(vis):] for k in keys if k.startswith(vis)]))
-    load_with_table(m, reader, table, dtype=torch.float32)
-    m.llm.init_rope("cpu")
-    return m.eval(), None, None
 
 
 def _batch(n_patches=16):

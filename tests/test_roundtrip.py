@@ -35,7 +35,7 @@ from extras import loader
 from extras.hf_tokenizer import write_hf_tokenizer
 from test_convert import _randomize
 from test_internlm2 import hf_model, write_internlm2
-from tokenizer import load_tokenizer
+from extras.tokenizer_files import load_tokenizer
 
 QUESTION = "What is in this picture?"
 MODES = {  # name: (llm_mode, vision LoRA)

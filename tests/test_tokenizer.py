@@ -19,7 +19,8 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe  # TIKTOKEN_CACHE_DIR="" (tests/conftest.py): no stale cache
 
 from extras.hf_tokenizer import write_hf_tokenizer
-from tokenizer import MAX_RUN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer, split_long_runs
+from extras.tokenizer_files import SentencePieceTokenizer, from_tokenizer_json, load_tokenizer
+from tokenizer import MAX_RUN, TiktokenTokenizer, split_long_runs
 
 LLAMA3_MODEL = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -196,7 +197,7 @@ def test_long_inputs(ours, ref):
 
 
 def test_from_tokenizer_json(hf_folder, ours):
-    tj = TiktokenTokenizer.from_tokenizer_json(hf_folder / "tokenizer.json")
+    tj = from_tokenizer_json(hf_folder / "tokenizer.json")
     assert tj.special_tokens == ours.special_tokens
     assert (tj.bos_id, tj.eos_id, tj.pad_id, tj.stop_ids, tj.vocab_size) == \
            (ours.bos_id, ours.eos_id, ours.pad_id, ours.stop_ids, ours.vocab_size)
@@ -208,7 +209,7 @@ def test_from_tokenizer_json_rejects_other_models(tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}, "normalizer": None}))
     with pytest.raises(ValueError, match="Unigram"):
-        TiktokenTokenizer.from_tokenizer_json(path)
+        from_tokenizer_json(path)
 
 
 def test_write_hf_tokenizer(export, hf_folder, ours):

@@ -182,7 +182,7 @@ def test_deepspeed_config_merge(tmp_path):
 
 def reference_step(tiny, n):
     """Loss and projector gradient of the first n samples by hand: plain PyTorch, mean over all their tokens."""
-    from tokenizer import load_tokenizer
+    from extras.tokenizer_files import load_tokenizer
 
     args = train.resolve_args(train.parse_args(base_args(tiny, "unused")), 1)
     cfg = train.model_config(args)
@@ -399,7 +399,7 @@ def test_every_bad_record_is_listed(tiny, tmp_path):
     """More bad records than the log shows (5): bad_records.jsonl holds all of them, the data report counts them all
     and names the file."""
     from extras.train_data import data_report, make_sampler, open_dataset
-    from tokenizer import load_tokenizer
+    from extras.tokenizer_files import load_tokenizer
 
     records = [{"id": f"bad{i}", "conversations": [{"from": "robot", "value": "?"}]} for i in range(8)]
     records += [{"id": f"good{i}", "image": "0.png", "conversations": [

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import clip  # noqa: E402
 import data  # noqa: E402
 from extras import datasets  # noqa: E402
-from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, load_tokenizer  # noqa: E402
+from extras.tokenizer_files import load_tokenizer  # noqa: E402
+from tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 
 
 def _check_image(folder, path):
@@ -47,7 +48,7 @@ def check(specs, image_folder=None, tok=None, template="llama3_chat", max_length
         folder = folder or path.parent
         jobs = []  # (sample, image path) to open
         try:
-            samples = list(tqdm(data.iter_samples(path), desc=f"reading {path.name}", unit=" records", mininterval=2,
+            samples = list(tqdm(datasets.iter_samples(path), desc=f"reading {path.name}", unit=" records", mininterval=2,
                                 disable=path.stat().st_size < 20_000_000 if path.is_file() else True))
         except data.DataError as e:  # the whole file is unreadable: one problem (record index -1), next file
             problems.append(data.Problem(str(path), -1, 0, "-", str(e)))
