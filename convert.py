@@ -278,12 +278,8 @@ def convert(args):
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConvertError(f"{out} exists and is not empty: choose a new --out")
-    if args.model in (None, "runs/latest") and not Path("runs/latest").exists():
-        args.model = None  # `make demo` links runs/demo/latest: the loader finds the newest link
-    src = Path(args.model) if args.model else loader.latest_model_dir()
+    src = loader.model_path(args.model)  # runs/latest by default, as chat.py and eval_mmbench.py
     args.model = str(src)
-    if not src.exists():
-        raise ConvertError(f"no model at {src}: train one first (make demo) or name the source")
     if (src / "trainer_state.json").exists() or (src / "checkpoints").is_dir():
         args.model = str(export_checkpoint(src))  # a train.py checkpoint: its model/ folder first
     dtype = torch.float32 if args.fp32 else torch.bfloat16

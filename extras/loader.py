@@ -21,7 +21,6 @@ An adapter trained on an NF4 base is applied to an NF4 base again (the model it 
 """
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
@@ -173,6 +172,17 @@ def latest_model_dir(runs="runs"):
                             "train.py @recipes/...`), or pass --model DIR (a run's model/ folder or any export)")
         link = links[-1]
     return link.resolve()
+
+
+def model_path(path=None):
+    """The model folder `--model` names; left out (or runs/latest when there is no such link) it is the newest
+    trained model (`latest_model_dir`)."""
+    if path is None or (Path(path) == Path("runs/latest") and not Path(path).exists()):
+        return latest_model_dir()
+    if not Path(path).exists():
+        raise LoadError(f"no model at {path}: pass --model DIR (a run's model/ folder or any export), or leave "
+                        "--model out to use runs/latest")
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,9 +433,7 @@ def load_model(path=None, dtype=torch.bfloat16, device="cpu", llm=None, vision=N
     """Any supported layout -> (LLaVA, tokenizer, cfg); `path` defaults to runs/latest. llm / vision name base
     models where the layout holds only what was trained; template, where it names none. lora_alpha: of an XTuner
     .pth's LLM adapter (not stored in it; None = XTuner's recipes' value). Raises LoadError with what to pass."""
-    path = Path(path) if path else latest_model_dir()
-    if not path.exists():
-        raise LoadError(f"no model at {path}: pass --model DIR (a run's model/ folder or any export)")
+    path = model_path(path)
     if (path / "model" / "llava.json").exists():  # a run folder was given instead of its model/
         path = path / "model"
     meta = read_json(path / "llava.json") if (path / "llava.json").is_file() else {}
@@ -480,11 +488,7 @@ def add_model_arguments(parser):
 
 
 def load_from_args(args, dtype=torch.bfloat16, device="cpu"):
-    path = args.model if args.model is not None else None
-    if path is not None and not os.path.exists(path):
-        raise LoadError(f"no model at {path}: pass --model DIR (a run's model/ folder or any export), or leave "
-                        "--model out to use runs/latest")
-    return load_model(path, dtype, device, llm=args.llm, vision=args.vision, template=args.template,
+    return load_model(args.model, dtype, device, llm=args.llm, vision=args.vision, template=args.template,
                       bf16_base=args.bf16_base, lora_alpha=args.lora_alpha)
 
 

@@ -278,6 +278,19 @@ def test_convert_merges_xtuner_internlm2_adapters(tmp_path, sp_model):
     m, _, _ = loader.load_model(tmp_path / "iter_1.pth", dtype=torch.float32, lora_alpha=16, **bases)
     assert (logits(m.llm, IDS) - want).abs().max() > 1e-2  # so the default alpha is what made it right
 
+    # a text-only iter_N.pth (XTuner's InternLM2 LLM SFT: `llm.*` only, no projector), as a file and as the
+    # DeepSpeed folder XTuner writes under that name: converted --to llm with the base named, the adapter merged
+    text = {k: v for k, v in state.items() if k.startswith("llm.")}
+    torch.save({"meta": {"epoch": 1}, "state_dict": text}, tmp_path / "iter_2.pth")
+    (tmp_path / "iter_3.pth").mkdir()
+    torch.save({"module": text}, tmp_path / "iter_3.pth" / "mp_rank_00_model_states.pt")
+    for name in ("iter_2.pth", "iter_3.pth"):
+        out = tmp_path / f"merged-{name}"
+        assert convert.main([str(tmp_path / name), "--llm", str(tmp_path / "base"), "--template", "internlm2_chat",
+                             "--to", "llm", "--out", str(out), "--fp32"]) == 0
+        assert json.loads((out / "config.json").read_text())["model_type"] == "internlm2"
+        assert (logits(loader.load_llm(out, dtype=torch.float32), IDS) - want).abs().max() <= 1e-4
+
 
 # ---- packing -------------------------------------------------------------------------------------------------
 
