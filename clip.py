@@ -19,7 +19,6 @@ References: Radford et al. 2021 (CLIP), Liu et al. 2023 (LLaVA-1.5, "Improved Ba
 Tuning"), transformers' `image_processing_backends.PilBackend` and `image_transforms` (resize / center_crop maths).
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +55,6 @@ class CLIPConfig:
     def num_patches(self):
         return (self.image_size // self.patch_size) ** 2
 
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_heads
-
     @classmethod
     def from_name(cls, name):
         if name not in CONFIGS:
@@ -69,7 +64,6 @@ class CLIPConfig:
     @classmethod
     def from_hf_config(cls, d):
         """From a `CLIPVisionConfig` dict, or any config holding one under `vision_config` (CLIPConfig, LLaVA).
-
         Missing fields take HF's CLIPVisionConfig defaults (ViT-B/32), as transformers itself would."""
         d = d.get("vision_config", d)
         act = d.get("hidden_act", "quick_gelu")
@@ -207,8 +201,8 @@ class CLIPVisionTower(nn.Module):
         return x[:, 1:]  # (N, P, C): LLaVA drops CLS and applies no post_layernorm
 
     def final(self, pixel_values):
-        """HF's (last_hidden_state (N, 1 + P, C), pooler_output (N, C)): every block, then post_layernorm on CLS only
-        (HF's last_hidden_state itself is not normalised). Used by parity tests, not by LLaVA."""
+        """HF's (last_hidden_state (N, 1 + P, C), pooler_output (N, C)) for parity tests: post_layernorm is applied
+        to CLS only, and only here (HF's last_hidden_state is not normalised); LLaVA never calls this."""
         x = self._run(self._embed(pixel_values), self.layers)
         return x, self.post_layernorm(x[:, 0])
 
@@ -216,44 +210,31 @@ class CLIPVisionTower(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # HF checkpoint keys
 
-
-def _tower_keys():
-    """HF `CLIPVisionModel` keys (without the `vision_model.` level) -> our parameter names."""
-    table = {
-        "embeddings.patch_embedding.weight": "embeddings.patch_embedding.weight",
-        "embeddings.class_embedding": "embeddings.class_embedding",
-        "embeddings.position_embedding.weight": "embeddings.position_embedding.weight",
-        "embeddings.position_ids": None,  # an arange buffer older transformers saved; nothing to load
-    }
-    for ln in ("pre_layrnorm", "post_layernorm"):
-        for p in ("weight", "bias"):
-            table[f"{ln}.{p}"] = f"{ln}.{p}"
-    for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
-        for p in ("weight", "bias"):
-            table[f"encoder.layers.{{}}.{mod}.{p}"] = f"layers.{{}}.{mod}.{p}"
-    return table
+_LAYER_PARAMS = [f"{mod}.{p}" for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+                 for p in ("weight", "bias")]
 
 
-def _dropped_clip_keys():
-    """A full `CLIPModel` checkpoint (the openai repos are one) also holds the text tower, the two projections
-    into the shared embedding space, and the contrastive temperature. LLaVA uses none of them."""
-    drop = {"text_model.embeddings.token_embedding.weight": None, "text_model.embeddings.position_embedding.weight": None,
-            "text_model.embeddings.position_ids": None, "text_model.final_layer_norm.weight": None,
-            "text_model.final_layer_norm.bias": None, "text_projection.weight": None, "visual_projection.weight": None,
-            "logit_scale": None}
-    for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
-        for p in ("weight", "bias"):
-            drop[f"text_model.encoder.layers.{{}}.{mod}.{p}"] = None
-    return drop
+# HF `CLIPVisionModel` keys -> our parameter names, as transformers >= 5 writes them: it keeps no `vision_model`
+# level inside CLIPVisionModel, so its save_pretrained writes these bare keys
+HF_KEYS_UNPREFIXED = {
+    **{k: k for k in ("embeddings.patch_embedding.weight", "embeddings.class_embedding",
+                      "embeddings.position_embedding.weight", "pre_layrnorm.weight", "pre_layrnorm.bias",
+                      "post_layernorm.weight", "post_layernorm.bias")},
+    "embeddings.position_ids": None,  # an arange buffer older transformers saved; nothing to load
+    **{f"encoder.layers.{{}}.{p}": f"layers.{{}}.{p}" for p in _LAYER_PARAMS},
+}
 
+# A full `CLIPModel` checkpoint (the openai repos are one) also holds the text tower, the two projections into the
+# shared embedding space, and the contrastive temperature. LLaVA uses none of them.
+_TEXT_KEYS = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+              "text_model.embeddings.position_ids", "text_model.final_layer_norm.weight",
+              "text_model.final_layer_norm.bias", "text_projection.weight", "visual_projection.weight", "logit_scale",
+              *(f"text_model.encoder.layers.{{}}.{p}" for p in _LAYER_PARAMS)]
 
 # The hub spelling (`openai/clip-vit-large-patch14-336`, transformers 4.x, XTuner's adapters): `vision_model.*`.
 # Other layouts prefix it (HF LLaVA `vision_tower.`, official LLaVA `model.vision_tower.vision_tower.`).
-HF_KEYS = {**{"vision_model." + k: v for k, v in _tower_keys().items()}, **_dropped_clip_keys()}
-# transformers >= 5 keeps no `vision_model` level inside CLIPVisionModel, and its save_pretrained writes bare keys
-HF_KEYS_UNPREFIXED = _tower_keys()
+HF_KEYS = {**{"vision_model." + k: v for k, v in HF_KEYS_UNPREFIXED.items()}, **dict.fromkeys(_TEXT_KEYS)}
 
 
 def table_for(keys):
@@ -316,11 +297,10 @@ class ImageError(ValueError):
 def load_image(src):
     """Open a path or binary file as an 8-bit RGB PIL image, as XTuner does: `Image.open(src).convert("RGB")`.
 
-    So alpha is dropped, not composited (RGBA, LA, PA, P with transparency keep their colour channels), and
-    L / P / CMYK / YCbCr / 1-bit images get PIL's own conversion. No EXIF rotation is applied (XTuner applies none).
-    One deliberate difference: 16-bit greyscale images ('I;16*', and 'I', which is how PIL holds 16-bit PNG / TIFF
-    samples) are scaled to 8 bits (v / 257, rounded, clipped to 0..65535 first); PIL's convert would clip every
-    value above 255 to white. 'F' (float) images keep PIL's meaning: values in 0..255, clipped."""
+    So alpha is dropped, not composited, other modes get PIL's own conversion, and no EXIF rotation is applied.
+    One deliberate difference: 16-bit greyscale ('I;16*', and 'I', as PIL holds 16-bit PNG / TIFF) is scaled to
+    8 bits (v / 257, rounded, clipped to 0..65535 first) where PIL's convert would clip every value above 255 to
+    white. 'F' (float) images keep PIL's meaning: values in 0..255, clipped."""
     name = src if isinstance(src, (str, Path)) else getattr(src, "name", "<image bytes>")
     try:
         with Image.open(src) as img:
@@ -334,7 +314,8 @@ def load_image(src):
 def to_rgb(img):
     """Any PIL mode -> 8-bit RGB (the rules are load_image's)."""
     if img.width == 0 or img.height == 0:
-        raise ImageError(f"image {getattr(img, 'filename', '') or '<in memory>'} has no pixels ({img.width}x{img.height})")
+        name = getattr(img, "filename", "") or "<in memory>"
+        raise ImageError(f"image {name} has no pixels ({img.width}x{img.height})")
     if img.mode.startswith("I;16") or img.mode == "I":
         a = np.asarray(img).astype(np.float64)  # numpy reads big- and little-endian 16-bit alike
         img = Image.fromarray(np.rint(np.clip(a, 0, 65535) / 257).astype(np.uint8))  # 65535 / 257 = 255 exactly
@@ -355,30 +336,14 @@ def expand2square(img, color=MEAN_RGB):
     return canvas
 
 
-def resize_shortest_edge(img, size):
-    """Bicubic resize so the short side is `size`, as HF's CLIPImageProcessor computes it: the long side is
-    int(size * long / short), truncated, not rounded (transformers' get_resize_output_image_size)."""
-    w, h = img.size
-    long_side = int(size * max(w, h) / min(w, h))
-    return img.resize((size, long_side) if w <= h else (long_side, size), Image.Resampling.BICUBIC)
-
-
-def center_crop(a, size):
-    """(H, W, C) -> (size, size, C), top-left corner at floor((H - size) / 2), floor((W - size) / 2) like HF's."""
-    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-    return a[top:top + size, left:left + size]
-
-
 def preprocess(img, size=336, pad_to_square=True):
     """PIL image -> normalised float32 tensor (3, size, size), equal to XTuner's pipeline.
 
     pad_to_square=True (finetune, chat, eval): expand2square with MEAN_RGB, then resize to size x size.
     pad_to_square=False (pretrain): resize the short side to `size`, center-crop the long side.
-    Degenerate images never crash: 1x1 works as any other; an empty image raises ImageError. Two limits keep the
-    memory bounded and change the result only beyond them: in pad mode a side longer than MAX_PAD_SIDE is first
-    shrunk (bicubic, aspect kept, short side at least 1 px), in crop mode a strip longer than MAX_ASPECT : 1 is first
-    cut to its central MAX_ASPECT : 1 part (the kept square is well inside it; the sampling grid moves by under a
-    pixel)."""
+    A 1x1 image works as any other; an empty one raises ImageError. Past MAX_PAD_SIDE an image is first shrunk
+    (aspect kept, short side at least 1 px); past MAX_ASPECT it is first cut to its central MAX_ASPECT : 1 part (the
+    kept square lies well inside it; the sampling grid moves by under a pixel)."""
     img = img if img.mode == "RGB" else to_rgb(img)
     w, h = img.size
     if w == 0 or h == 0:
@@ -392,35 +357,13 @@ def preprocess(img, size=336, pad_to_square=True):
         keep = MAX_ASPECT * min(w, h)
         img = img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h) if w > h else
                        (0, (h - keep) // 2, w, (h - keep) // 2 + keep))
-    a = center_crop(np.asarray(resize_shortest_edge(img, size)), size)  # (S, S, 3) uint8
+    # resize the short side to `size` (bicubic); HF truncates the long side, not rounds (get_resize_output_image_size)
+    w, h = img.size
+    long_side = int(size * max(w, h) / min(w, h))
+    a = np.asarray(img.resize((size, long_side) if w <= h else (long_side, size), Image.Resampling.BICUBIC))
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2  # HF's center crop: floor of the margins
+    a = a[top:top + size, left:left + size]  # (S, S, 3) uint8
     # HF's exact arithmetic: rescale in float64, cast to float32, then normalise in float32
     x = (a.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, S, S)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Smoke check: python clip.py [hf_clip_folder [image]]
-
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    if len(sys.argv) > 1:
-        model = load_clip(sys.argv[1])
-        print(f"loaded {sys.argv[1]}: {model.cfg}")
-    else:
-        model = CLIPVisionTower(CLIPConfig.from_name("tiny")).eval()
-        print(f"random tiny tower: {model.cfg}")
-    S = model.cfg.image_size
-    if len(sys.argv) > 2:
-        img = load_image(sys.argv[2])
-    else:
-        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (S // 2, S + 7, 3), dtype=np.uint8))
-    pixels = preprocess(img, S)[None]  # (1, 3, S, S)
-    with torch.no_grad():
-        feats = model(pixels)  # (1, P, C)
-        last, pooled = model.final(pixels)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params:,} params | image {img.size} -> pixels {tuple(pixels.shape)} -> features "
-          f"{tuple(feats.shape)} (layer -2, CLS dropped) | last {tuple(last.shape)} pooled {tuple(pooled.shape)}")
-    assert feats.shape == (1, model.cfg.num_patches, model.cfg.hidden_size) and torch.isfinite(feats).all()
-    print("ok")

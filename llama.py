@@ -8,15 +8,12 @@
   Llama-3.1's "llama3" frequency scaling is supported. SwiGLU MLP (Shazeer 2020, arXiv:2002.05202).
 - Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245) through F.scaled_dot_product_attention, with a
   preallocated static-shape KV cache (the gpt-fast design) so that a decode step can be torch.compile'd.
-- Inference only, for decode speed: extras/fast_inference.py can stack q/k/v and gate/up into one matrix each
-  (gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`); forward then takes one GEMM for them.
+  For decode, extras/fast_inference.py can stack q/k/v and gate/up into one matrix each (gpt-fast's `wqkv`).
 
 Module names follow HF's `LlamaForCausalLM` (minus its `model.` prefix) so that LoRA targets and PEFT adapter keys
-match. References: transformers/models/llama/modeling_llama.py and modeling_rope_utils.py (the numerics we match),
-pytorch-labs/gpt-fast model.py and meta-llama/llama3 model.py (the structure we follow).
-
-InternLM2 is this same decoder under other checkpoint names, with q, k and v packed into one `wqkv` matrix:
-extras/internlm2.py loads its checkpoints into this module and saves them back in their own layout (`cfg.layout`).
+match. InternLM2 is this decoder under other checkpoint names (q, k, v packed into one `wqkv`): extras/internlm2.py
+reads and writes that layout (`cfg.layout`). References: transformers/models/llama/modeling_llama.py and
+modeling_rope_utils.py (the numerics we match), pytorch-labs/gpt-fast and meta-llama/llama3 model.py (the structure).
 """
 
 import math
@@ -45,7 +42,7 @@ class LlamaConfig:
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     head_dim: int | None = None  # derived: hidden_size // num_heads
-    layout: str = "llama"  # the HF checkpoint layout read and written: "llama" or "internlm2" (see the last section)
+    layout: str = "llama"  # the HF checkpoint layout read and written: "llama" or "internlm2" (extras/internlm2.py)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -76,13 +73,12 @@ class LlamaConfig:
         if kind not in ("default", "llama3", "linear", "dynamic"):
             raise ValueError(f"rope_scaling type {kind!r} is not supported (only none, 'llama3', 'linear', 'dynamic')")
         return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-                   num_heads=d["num_attention_heads"],
-                   num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                   intermediate_size=d["intermediate_size"], rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                   num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
+                   num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], head_dim=d.get("head_dim"),
+                   rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", False),
                    rope_theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),
                    rope_scaling=None if kind == "default" else {"rope_type": kind, **scaling},
                    max_position_embeddings=d.get("max_position_embeddings", 2048),
-                   tie_word_embeddings=d.get("tie_word_embeddings", False), head_dim=d.get("head_dim"),
                    layout="internlm2" if d.get("model_type") == "internlm2" else "llama")
 
     def to_hf_config(self):
@@ -202,14 +198,12 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:  # one GEMM (in decode, one GEMV reading one larger matrix) instead of three, cut at the q | k | v rows
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole cache, masked below
-        # GQA: each group of H / Hkv query heads shares one K/V head. enable_gqa broadcasts the shared heads inside
-        # the kernel (flash / cuDNN on GPU) instead of materialising repeated K/V (BENCHMARKS.md measures both)
+        # GQA: each group of H / Hkv query heads shares one K/V head, broadcast inside the kernel (BENCHMARKS.md)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=Hkv != H)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
@@ -266,14 +260,7 @@ class Llama(nn.Module):
         self.init_rope()
 
     def compile_blocks(self, **compile_kwargs):
-        """torch.compile each decoder block in place (training, prefill and decode alike); returns self.
-
-        Eager, a block is about 40 kernels, most of them elementwise passes over (B, T, C): the fp32 RMSNorm steps,
-        RoPE, SwiGLU, residual adds. Inductor fuses each run of them into one kernel and keeps the GEMMs and SDPA as
-        they are, so a training step moves far fewer bytes and saves fewer activations (its backward recomputes
-        the cheap elementwise parts instead of storing them). All 32 blocks run the same code, so one compilation
-        serves them all (a new shape, training vs inference, or cache vs no cache each compile once more). Outputs
-        agree with eager to bf16 rounding, not bit for bit (the fused kernel keeps intermediates in fp32)."""
+        """torch.compile each block in place (one compilation serves all); outputs match eager to bf16 rounding."""
         for layer in self.layers:
             layer.compile(**compile_kwargs)
         return self
@@ -285,8 +272,7 @@ class Llama(nn.Module):
         return super().train(mode)
 
     def init_rope(self, device=None):
-        """(Re)compute the RoPE frequencies; needed after building on the meta device."""
-        # non-persistent: derived from the config, so never saved nor expected in a checkpoint
+        """(Re)compute the RoPE frequencies after a meta-device build; non-persistent: derived, never saved."""
         self.register_buffer("inv_freq", rope_frequencies(self.cfg, device), persistent=False)
 
     def rope(self, positions, dtype):
@@ -306,9 +292,8 @@ class Llama(nn.Module):
         Cache mode (after setup_cache): cache_pos (T,) long = the cache slots this step writes (the same for every
         row), positions (B, T) = RoPE positions (default: cache_pos), key_valid (B, max_len) bool = slots holding
         real tokens (False for left padding). Without a cache, key_valid (B, T) masks left padding too.
-        Packed samples (training, no cache): segment_ids (B, T) numbers the samples of each row; a token attends only
-        to earlier tokens of its own sample, and positions (B, T) restart at 0 for each sample (extras/packing.py).
-        """
+        Packed samples (extras/packing.py): segment_ids (B, T) numbers the samples of each row; a token attends only
+        to earlier tokens of its own sample, and positions (B, T) restart at 0 for each sample."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = h.shape[1]
         if cache_pos is None:
@@ -323,8 +308,7 @@ class Llama(nn.Module):
         if segment_ids is not None:  # block-diagonal causal mask: each packed sample is its own sequence
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             mask = (attention_mask(q_slots, key_valid, S) if mask is None else mask) & same[:, None]
-        # activation_checkpointing: False, True (every block) or k (the first k blocks). A checkpointed block keeps
-        # only its input and recomputes the rest in backward; the others keep their activations and skip that work
+        # a checkpointed block (all if True, else the first k) keeps only its input and recomputes the rest in backward
         ac = self.activation_checkpointing
         n_ckpt = (len(self.layers) if ac is True else int(ac)) if self.training and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
@@ -360,21 +344,16 @@ HF_KEYS = {
     "model.embed_tokens.weight": "embed_tokens.weight",
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
-    **{f"model.layers.{{}}.self_attn.{p}.weight": f"layers.{{}}.self_attn.{p}.weight"
-       for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-    **{f"model.layers.{{}}.mlp.{p}.weight": f"layers.{{}}.mlp.{p}.weight"
-       for p in ("gate_proj", "up_proj", "down_proj")},
+    **{f"model.layers.{{}}.{p}.weight": f"layers.{{}}.{p}.weight"
+       for p in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                 "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
     "model.layers.{}.self_attn.rotary_emb.inv_freq": None,  # a buffer old transformers versions saved; we recompute it
 }
 
 
 def load_llama(path, dtype=torch.bfloat16, device="cpu", table=HF_KEYS, reader=None):
     """Build on the meta device (no memory), then read the safetensors one tensor at a time straight into place.
-
-    table / reader: another checkpoint family of this same decoder (extras/internlm2.py) passes its key table and a
-    reader that presents its tensors under that table's names."""
+    table / reader: another checkpoint family of this decoder (extras/internlm2.py) and a reader under its names."""
     path = Path(path)
     cfg = LlamaConfig.from_hf_config(weights.read_json((path if path.is_dir() else path.parent) / "config.json"))
     if cfg.layout != "llama" and table is HF_KEYS:
@@ -394,9 +373,8 @@ def load_llama(path, dtype=torch.bfloat16, device="cpu", table=HF_KEYS, reader=N
 
 def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_000, table=HF_KEYS, pack=None,
                hf_config=None):
-    """Write `model` as an HF LlamaForCausalLM folder (config.json + safetensors) that transformers loads. Another
-    family of this decoder (extras/internlm2.py) passes its key table, a `pack` of the renamed state dict and its
-    config.json."""
+    """Write `model` as an HF LlamaForCausalLM folder (config.json + safetensors) that transformers loads.
+    table / pack / hf_config: another family of this decoder (extras/internlm2.py), its packing and config.json."""
     if model.fused:
         raise ValueError("save_llama: this model's projections were fused for inference (fuse_projections), "
                          "a layout no checkpoint has; save the model before fusing it, or load it again")
@@ -413,19 +391,3 @@ def save_llama(model, folder, dtype=torch.bfloat16, max_shard_bytes=5_000_000_00
     weights.save_safetensors(pack(state) if pack else state, folder, max_shard_bytes=max_shard_bytes)
     config = hf_config or model.cfg.to_hf_config()
     weights.write_json(Path(folder) / "config.json", {**config, "torch_dtype": str(dtype)[6:]})
-
-
-if __name__ == "__main__":
-    # smoke check: the tiny model's KV-cache decode reproduces a full forward
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig.from_name("tiny")).eval()
-    print(model.cfg, f"\n{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
-    model.setup_cache(batch=2, max_len=16)
-    with torch.no_grad():
-        full = model.lm_head(model(ids))  # (B, T, V)
-        steps = [model.lm_head(model(ids[:, :8], cache_pos=torch.arange(8)))]  # prefill 8, then decode 4
-        steps += [model.lm_head(model(ids[:, t:t + 1], cache_pos=torch.tensor([t]))) for t in range(8, 12)]
-    diff = (torch.cat(steps, dim=1) - full).abs().max().item()
-    print(f"logits {tuple(full.shape)}; prefill + decode vs full forward: max |diff| = {diff:.2e}")
-    assert diff < 1e-5

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from weights import CheckpointError, invert_table, map_key, read_json, save_safetensors, write_json
 
@@ -52,11 +53,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.weight = nn.Parameter(base.weight.data, requires_grad=False)  # (out, in), same name as nn.Linear
+        self.weight = _nf4(base.weight) if nf4 else nn.Parameter(base.weight.data, requires_grad=False)  # (out, in)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.data, requires_grad=False)
         self.nf4 = nf4
-        if nf4:
-            self.weight = _nf4(self.weight)
         self.init_adapter(r, alpha, dropout)
 
     @classmethod
@@ -99,8 +98,7 @@ class LoRALinear(nn.Module):
 
             dtype = self.compute_dtype or x.dtype
             bias = None if self.bias is None else self.bias.to(dtype)
-            out = bnb.matmul_4bit(x.to(dtype), self.weight, quant_state=self.weight.quant_state, bias=bias)
-            out = out.to(x.dtype)
+            out = bnb.matmul_4bit(x.to(dtype), self.weight, quant_state=self.weight.quant_state, bias=bias).to(x.dtype)
         else:
             out = F.linear(x, self.weight, self.bias)
         if self.r == 0:
@@ -145,12 +143,6 @@ def _swap(module, targets, make):
     return names
 
 
-def mark_only_lora_trainable(module):
-    """Freeze every parameter of `module` except the lora_A / lora_B weights (PEFT does the same to its model)."""
-    for name, p in module.named_parameters():
-        p.requires_grad_(bool({"lora_A", "lora_B"} & set(name.split("."))))
-
-
 def inject_lora(module, targets, r, alpha, dropout, nf4=False, compute_dtype=None, device=None):
     """Give every linear named in `targets` (e.g. ["q_proj", "v_proj"]) a rank-r adapter, optionally on an NF4 base;
     layers already quantized by quantize_nf4 just get their adapter. Freezes the rest of `module`; returns the names."""
@@ -161,7 +153,8 @@ def inject_lora(module, targets, r, alpha, dropout, nf4=False, compute_dtype=Non
         return LoRALinear.from_linear(child, r, alpha, dropout, nf4, compute_dtype, device)
 
     names = _swap(module, targets, make)
-    mark_only_lora_trainable(module)
+    for name, p in module.named_parameters():  # only lora_A / lora_B train (PEFT freezes its model the same way)
+        p.requires_grad_(bool({"lora_A", "lora_B"} & set(name.split("."))))
     return names
 
 
@@ -243,8 +236,6 @@ def read_adapter(src, config):
     folder = Path(src)
     config = config if config is not None else read_json(folder / "adapter_config.json")
     if (folder / "adapter_model.safetensors").exists():
-        from safetensors.torch import load_file
-
         return load_file(folder / "adapter_model.safetensors"), config
     if (folder / "adapter_model.bin").exists():  # XTuner's default; weights_only never runs code from the file
         return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True), config
@@ -252,14 +243,11 @@ def read_adapter(src, config):
 
 
 def load_adapter(module, src, to_hf_name, prefix="", skip=(), config=None):
-    """Load a PEFT adapter into the LoRALinear layers of `module`, strictly.
-
-    src: a PEFT folder, or a state dict (e.g. an XTuner .pth; pass prefix="llm." or "visual_encoder." to pick its
-    part). Keys may carry XTuner's ".default". config: {"r", "lora_alpha", ...}, read from the folder when absent.
-    When the file's r / alpha differ from a layer's, the layer's adapter is re-created to match (its dropout is kept).
-    Keys for modules without a LoRA layer here are an error unless their name (or last name component) is in `skip`
-    (e.g. skip=["output"] for XTuner's InternLM2 head); so is a LoRA layer the file does not cover.
-    """
+    """Load a PEFT adapter into the LoRALinear layers of `module`, strictly: a key for a module with no LoRA layer
+    here (unless its name or last name component is in `skip`, e.g. XTuner's InternLM2 head "output") and a LoRA
+    layer the file does not cover are both errors. src: a PEFT folder, or a state dict (an XTuner .pth, whose part
+    prefix="llm." or "visual_encoder." picks). config: {"r", "lora_alpha", ...}, read from the folder when absent.
+    Where the file's r / alpha differ from a layer's, its adapter is re-created to match (its dropout kept)."""
     where = "<state dict>" if isinstance(src, dict) else str(src)
     tensors, config = read_adapter(src, config)
     config = config or {}

@@ -60,7 +60,7 @@ class LLaVA(nn.Module):
         the batch builder (data.collate) has already checked that the counts agree with pixel_values.
         """
         is_image = input_ids == IMAGE_TOKEN_INDEX
-        embeds = self.llm.embed_tokens(input_ids.clamp(min=0))  # (B, T, C); image positions embed id 0, then are overwritten
+        embeds = self.llm.embed_tokens(input_ids.clamp(min=0))  # (B, T, C); image positions embed id 0 for now
         if pixel_values is not None and pixel_values.shape[0] > 0:
             feats = self.encode_images(pixel_values)            # (N, P, C)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))  # one vectorised splice
