@@ -44,10 +44,11 @@ import lora
 import llama
 from extras import internlm2, loader
 from extras.checkpoint import export_checkpoint
+from extras.hf_export import write_hf_chat_files
 from extras.hf_tokenizer import write_hf_tokenizer
 from extras.xtuner import OFFICIAL_KEYS, XTUNER_PROJECTOR_KEYS
 from tokenizer import TiktokenTokenizer
-from weights import invert_table, rename_state_dict, save_safetensors, write_json
+from weights import hf_name_mapper, invert_table, rename_state_dict, save_safetensors, write_json
 
 CLIP_PREPROCESSOR = {  # openai/clip-vit-large-patch14-336's preprocessor_config.json (the size is the tower's)
     "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
@@ -75,9 +76,11 @@ def _full_state(model):
     return sd
 
 
-def _write_preprocessor(folder, size):
+def _write_preprocessor(folder, size, pad=False):
+    """pad: LLaVA's image_mode "pad" (expand2square with the mean colour first), which LlavaImageProcessor does."""
     write_json(Path(folder) / "preprocessor_config.json", CLIP_PREPROCESSOR | {
-        "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}})
+        "crop_size": {"height": size, "width": size}, "size": {"shortest_edge": size}}
+        | ({"image_processor_type": "LlavaImageProcessor", "do_pad": True} if pad else {}))
 
 
 def _write_tokenizer(tok, cfg, out):
@@ -124,7 +127,8 @@ def write_hf(model, tok, cfg, out, dtype, shard):
         "vision_feature_select_strategy": "default", "image_seq_length": vc.num_patches,
         "multimodal_projector_bias": True, "tie_word_embeddings": tcfg["tie_word_embeddings"],
         "text_config": tcfg, "vision_config": vc.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")})
-    _write_preprocessor(out, vc.image_size)
+    _write_preprocessor(out, vc.image_size, pad=cfg.get("image_mode", "pad") == "pad")
+    write_hf_chat_files(out, tok, cfg["template"], vc.patch_size, pad_id)  # AutoProcessor's prompt, generate's stops
 
 
 def write_official(model, tok, cfg, out, dtype, shard):
@@ -177,7 +181,7 @@ def write_adapters(model, cfg, out, llm_name="llm_adapter", vision_name="vision_
             lora.write_adapter(Path(out) / name, tensors, r, alpha, c["dropout"], targets, task, cfg.get(key))
             wrote = True
         elif c:
-            lora.save_adapter(part, Path(out) / name, lora.hf_name_mapper(table)[0], c["r"], c["alpha"],
+            lora.save_adapter(part, Path(out) / name, hf_name_mapper(table)[0], c["r"], c["alpha"],
                               c["dropout"], c["targets"], task_type=task, base_model=cfg.get(key))
             wrote = True
     return wrote

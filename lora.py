@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from weights import CheckpointError, invert_table, map_key, read_json, save_safetensors, write_json
+from weights import CheckpointError, read_json, save_safetensors, write_json
 
 NF4_BLOCKSIZE = 64  # QLoRA's block of weights sharing one absmax; the absmaxes are themselves quantized (double quant)
 
@@ -186,22 +186,6 @@ def merge_lora(module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # PEFT adapter files
-
-
-def hf_name_mapper(table):
-    """(to_hf_name, from_hf_name) for module paths, from a weights.py key table: append ".weight", map, strip."""
-    def through(tab):
-        def rename(path):
-            try:
-                key = map_key(path + ".weight", tab)
-            except KeyError:
-                key = None
-            if key is None or not key.endswith(".weight"):
-                raise KeyError(f"module {path!r} has no '.weight' entry in the key table")
-            return key[: -len(".weight")]
-        return rename
-
-    return through(invert_table(table)), through(table)
 
 
 def save_adapter(module, folder, to_hf_name, r, alpha, dropout, targets, task_type=None, base_model=None):

@@ -181,6 +181,22 @@ def invert_table(table):
     return {dst: src for src, dst in table.items() if dst is not None}
 
 
+def hf_name_mapper(table):
+    """(to_hf_name, from_hf_name) for module paths, from a weights.py key table: append ".weight", map, strip."""
+    def through(tab):
+        def rename(path):
+            try:
+                key = map_key(path + ".weight", tab)
+            except KeyError:
+                key = None
+            if key is None or not key.endswith(".weight"):
+                raise KeyError(f"module {path!r} has no '.weight' entry in the key table")
+            return key[: -len(".weight")]
+        return rename
+
+    return through(invert_table(table)), through(table)
+
+
 def rename_state_dict(state_dict, table):
     """Rename every key through `table` (keys the table drops are left out; unknown keys raise)."""
     return {new: v for k, v in state_dict.items() if (new := map_key(k, table)) is not None}

@@ -33,7 +33,7 @@ import lora
 from extras import internlm2, xtuner
 from model import LLM_LORA_TARGETS, LLaVA, Projector
 from extras.tokenizer_files import load_tokenizer
-from weights import CheckpointReader, load_with_table, read_json, save_safetensors, write_json
+from weights import CheckpointReader, hf_name_mapper, load_with_table, read_json, save_safetensors, write_json
 
 LLM_MODEL_TYPES = ("llama", "internlm2")  # config.json model_type of the LLM folders load_llm reads
 PROJECTOR_KEYS = {f"linear_{i}.{p}": f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}  # ours as is
@@ -117,14 +117,14 @@ def save_model(model, folder, cfg):
         save_safetensors(model.projector.state_dict(), folder, basename="projector")
     if cfg.get("llm_lora"):
         c = cfg["llm_lora"]
-        lora.save_adapter(model.llm, folder / "llm_adapter", lora.hf_name_mapper(llama.HF_KEYS)[0], c["r"],
+        lora.save_adapter(model.llm, folder / "llm_adapter", hf_name_mapper(llama.HF_KEYS)[0], c["r"],
                           c["alpha"], c["dropout"], c["targets"], task_type="CAUSAL_LM", base_model=cfg["llm"])
     if cfg.get("llm_mode") == "full":
         save_llm(model.llm, folder / "llm", dtype=getattr(torch, cfg.get("dtype", "bfloat16")))
         copy_tokenizer(cfg["llm"], folder / "llm")
     if cfg.get("vision_lora"):
         c = cfg["vision_lora"]
-        lora.save_adapter(model.vision, folder / "vision_adapter", lora.hf_name_mapper(clip.HF_KEYS)[0], c["r"],
+        lora.save_adapter(model.vision, folder / "vision_adapter", hf_name_mapper(clip.HF_KEYS)[0], c["r"],
                           c["alpha"], c["dropout"], c["targets"], base_model=cfg["vision"])
     write_json(folder / "llava.json", cfg)
 
@@ -150,13 +150,13 @@ def _load_run(folder, dtype, device, bf16_base):
     if cfg.get("llm_lora"):
         c = cfg["llm_lora"]
         lora.inject_lora(model.llm, c["targets"], c["r"], c["alpha"], 0.0, nf4=nf4)
-        lora.load_adapter(model.llm, folder / "llm_adapter", lora.hf_name_mapper(llama.HF_KEYS)[0])
+        lora.load_adapter(model.llm, folder / "llm_adapter", hf_name_mapper(llama.HF_KEYS)[0])
     elif nf4:
         lora.quantize_nf4(model.llm, LLM_LORA_TARGETS)
     if cfg.get("vision_lora"):
         c = cfg["vision_lora"]
         lora.inject_lora(model.vision, c["targets"], c["r"], c["alpha"], 0.0)
-        lora.load_adapter(model.vision, folder / "vision_adapter", lora.hf_name_mapper(clip.HF_KEYS)[0])
+        lora.load_adapter(model.vision, folder / "vision_adapter", hf_name_mapper(clip.HF_KEYS)[0])
     model.to(device).eval()
     return model, load_tokenizer(folder / "llm" if full else cfg["llm"]), cfg
 
@@ -261,7 +261,7 @@ def add_adapter(part, sd, table, alpha, dropout, nf4=False):
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in sd})
     r = next(v.shape[0] for k, v in sd.items() if ".lora_A." in k)
     lora.inject_lora(part, targets, r, alpha, 0.0, nf4=nf4)
-    lora.load_adapter(part, sd, lora.hf_name_mapper(table)[0], config={"r": r, "lora_alpha": alpha})
+    lora.load_adapter(part, sd, hf_name_mapper(table)[0], config={"r": r, "lora_alpha": alpha})
     return {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}
 
 

@@ -24,6 +24,7 @@ import lora
 import model as M
 from extras.tokenizer_files import load_tokenizer
 from extras.hf_tokenizer import write_hf_tokenizer
+import weights
 from weights import read_json
 from extras import loader
 
@@ -331,7 +332,7 @@ def xtuner_state(bases):
     sd = OrderedDict((f"projector.model.{j}.{p}", getattr(m.projector, f"linear_{i}").state_dict()[p])
                      for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias"))
     for prefix, part, table in (("llm.", m.llm, llama.HF_KEYS), ("visual_encoder.", m.vision, clip.HF_KEYS)):
-        to_hf = lora.hf_name_mapper(table)[0]
+        to_hf = weights.hf_name_mapper(table)[0]
         for name, t in ((n, t) for n, t in part.state_dict().items() if '.lora_' in n):
             module, ab, _ = name.rsplit(".", 2)
             sd[f"{prefix}base_model.model.{to_hf(module)}.{ab}.default.weight"] = t.detach().clone()

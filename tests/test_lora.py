@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+import weights
 from weights import CheckpointError
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -187,7 +188,7 @@ def test_hf_name_mapper():
     table = {"vision_model.encoder.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
              "vision_model.encoder.layers.{}.self_attn.q_proj.bias": "layers.{}.self_attn.q_proj.bias",
              "logit_scale": None}
-    to_hf, from_hf = lora.hf_name_mapper(table)
+    to_hf, from_hf = weights.hf_name_mapper(table)
     assert to_hf("layers.11.self_attn.q_proj") == "vision_model.encoder.layers.11.self_attn.q_proj"
     assert from_hf("vision_model.encoder.layers.11.self_attn.q_proj") == "layers.11.self_attn.q_proj"
     with pytest.raises(KeyError):
@@ -212,7 +213,7 @@ def logits(model, ids):
 def test_peft_loads_our_adapter(tiny_llama, tmp_path):
     from peft import PeftModel
 
-    to_hf, _ = lora.hf_name_mapper(LLAMA_TABLE)
+    to_hf, _ = weights.hf_name_mapper(LLAMA_TABLE)
     ours = copy.deepcopy(tiny_llama)
     lora.inject_lora(ours.model, LLAMA_TARGETS, r=4, alpha=8, dropout=0.05)  # our module = the decoder, HF's "model."
     randomize_adapters(ours)
@@ -244,7 +245,7 @@ def peft_adapter(tiny_llama, tmp_path):
 def test_our_module_loads_peft_adapter(tiny_llama, peft_adapter, tmp_path, safe):
     model, targets, ids, want = peft_adapter
     model.save_pretrained(tmp_path / "ad", safe_serialization=safe)
-    to_hf, _ = lora.hf_name_mapper(LLAMA_TABLE)
+    to_hf, _ = weights.hf_name_mapper(LLAMA_TABLE)
     ours = copy.deepcopy(tiny_llama)
     lora.inject_lora(ours.model, targets, r=2, alpha=4, dropout=0.0)  # other r / alpha: load re-creates the adapters
     loaded = lora.load_adapter(ours.model, tmp_path / "ad", to_hf)
@@ -260,7 +261,7 @@ def test_xtuner_pth_keys_and_strictness(tiny_llama, peft_adapter):
     assert any(".lora_A.default.weight" in k for k in sd)
     sd["projector.model.0.weight"] = torch.zeros(2, 2)
     sd["llm.base_model.model.output.lora_A.default.weight"] = torch.zeros(8, 32)  # InternLM2's head has LoRA too
-    to_hf, _ = lora.hf_name_mapper(LLAMA_TABLE)
+    to_hf, _ = weights.hf_name_mapper(LLAMA_TABLE)
     ours = copy.deepcopy(tiny_llama)
     lora.inject_lora(ours.model, targets, r=8, alpha=16, dropout=0.0)
     before = copy.deepcopy(ours.state_dict())
