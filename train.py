@@ -24,8 +24,10 @@ One optimizer step, the heart of this file (`train_step`):
 so the step's loss is the mean over *every* supervised token of the step, whatever the micro-batch / accumulation /
 GPU split (XTuner averages per-micro-batch means, which weighs a token by the size of its micro-batch). The learning
 rate warms up linearly over the first 3% of the optimizer steps from lr x 1e-5, then follows a cosine to 0 (XTuner
-counts micro-batches). bf16 runs keep fp32 master weights in DeepSpeed's ZeRO optimizer; ZeRO-3 gathers the
-weights it evaluates with or saves, so its model/ is the same as ZeRO-2's.
+counts micro-batches). bf16 and fp16 runs keep fp32 master weights in DeepSpeed's ZeRO optimizer; fp16 (for GPUs
+without bf16) also scales the loss dynamically: a step whose gradients overflow is skipped, the scale is lowered, and
+the lr schedule waits (DeepSpeed's rule). ZeRO-3 gathers the weights it evaluates with or saves, so its model/ is the
+same as ZeRO-2's.
 
 The run folder (`--out`): args.json, metrics.jsonl (extras/monitor.py; `python tools/plot.py RUN` draws it),
 bad_records.jsonl, eval/step_N.txt, checkpoints/ and model/ (extras/checkpoint.py). References: XTuner's
@@ -33,7 +35,6 @@ bad_records.jsonl, eval/step_N.txt, checkpoints/ and model/ (extras/checkpoint.p
 """
 
 import argparse
-import itertools
 import math
 import os
 import shlex
@@ -42,16 +43,14 @@ from pathlib import Path
 
 import torch
 
-import clip
-import llama
 import lora
 from extras import loader
-from extras.checkpoint import (add_trainable_parts, export_checkpoint, load_projector, open_run_folder,
-                               resume_training, save_checkpoint, save_stage_output)
-from extras.distributed import all_reduce_sum, gather_union, init_distributed, log, world
+from extras.checkpoint import (TORCH_DTYPES, add_trainable_parts, export_checkpoint, load_projector, model_config,
+                               open_run_folder, resume_training, save_checkpoint, save_stage_output)
+from extras.distributed import all_reduce_sum, gather_union, init_distributed, log, merge_config, world
 from extras.monitor import Progress, done, evaluate, evaluates, flops_per_token, summary
-from extras.train_data import data_report, make_loader, make_sampler, open_dataset
-from model import LLM_LORA_TARGETS, VISION_LORA_TARGETS
+from extras.train_data import data_report, make_loader, make_sampler, open_dataset, optimizer_steps
+from model import LLM_LORA_TARGETS
 from tokenizer import IGNORE_INDEX
 from weights import read_json
 
@@ -120,8 +119,12 @@ def build_parser():
                    help="recompute each LLM block in backward instead of storing its activations")
     g.add_argument("--checkpoint-layers", type=int, metavar="K",
                    help="recompute only the first K LLM blocks (default: all): faster steps for more memory")
-    g.add_argument("--compile", action="store_true", help="torch.compile each LLM block (see BENCHMARKS.md)")
-    g.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="bf16: bf16 weights, fp32 master copies")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile each LLM block (default: on a GPU unless ZeRO-3, off on a CPU; compile_default)")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="bf16 (or fp16 with dynamic loss scaling, for GPUs without bf16) weights, fp32 master copies")
+    g.add_argument("--loss-chunk", type=int, default=512, metavar="N",
+                   help="supervised positions per lm_head chunk (bounds the fp32 logits' memory: model.py)")
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the launchers
     g = p.add_argument_group("run folder, checkpoints, evaluation")
     g.add_argument("--out", help="run folder (default runs/<stage>-<date-time>)")
@@ -197,36 +200,11 @@ def resolve_args(args, world_size):
 # The model
 
 
-def model_config(args):
-    """llava.json for this run (extras.loader.save_model writes it, load_model reads it), sizes read from the
-    config.json of --llm and --vision. A text-only run (sft) says "vision": None and "projector": None: its model/
-    is the LLM's adapter (or full weights) alone."""
-    def read(path, cls, flag):
-        if not (Path(path) / "config.json").is_file():
-            raise SystemExit(f"{flag} {path}: no config.json there (give the folder of an HF checkpoint)")
-        return cls.from_hf_config(read_json(Path(path) / "config.json"))
-
-    vcfg = None if args.vision is None else read(args.vision, clip.CLIPConfig, "--vision")
-    lcfg = read(args.llm, llama.LlamaConfig, "--llm")
-    lora_cfg = lambda r, a, d, t: {"r": r, "alpha": a, "dropout": d, "targets": list(t)}  # noqa: E731
-    llm_lora = lora_cfg(args.lora_r, args.lora_alpha, args.lora_dropout, LLM_LORA_TARGETS)
-    cfg = {"llm": str(args.llm), "vision": None, "projector": None, "template": args.template, "image_tokens": 0,
-           "llm_mode": args.llm_mode, "llm_lora": llm_lora if args.llm_mode in ("lora", "qlora") else None,
-           "vision_lora": None, "dtype": "bfloat16" if args.dtype == "bf16" else "float32"}
-    if vcfg:  # LLaVA: the vision tower, how images enter it, the projector to the LLM
-        cfg.update(vision=str(args.vision), select_layer=args.select_layer, image_mode=args.image_mode,
-                   image_size=vcfg.image_size, image_tokens=vcfg.num_patches,
-                   projector={"in": vcfg.hidden_size, "hidden": lcfg.hidden_size, "out": lcfg.hidden_size},
-                   vision_lora=lora_cfg(args.vision_lora_r, args.vision_lora_alpha, args.vision_lora_dropout,
-                                        VISION_LORA_TARGETS) if args.vision_lora else None)
-    return cfg
-
-
 def build_llava(args, cfg, device, base=loader.build_model):
     """Base CLIP + base LLM + a fresh projector (nn.Linear's default init, as XTuner), then the trainable parts
     llava.json names (add_trainable_parts: projector, adapters, the whole LLM in full mode). Everything else is
     frozen. `base(cfg, dtype, device)` builds the base model from --llm / --vision (bench/ passes random weights)."""
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = TORCH_DTYPES[args.dtype]  # also NF4's compute dtype
     nf4 = args.llm_mode in ("frozen-nf4", "qlora")
     torch.manual_seed(args.seed)  # the projector's and the adapters' initial values, the same on every rank
     # NF4: the LLM is loaded in CPU memory and quantized one matrix at a time on the device, never whole there in bf16
@@ -243,7 +221,17 @@ def build_llava(args, cfg, device, base=loader.build_model):
     m.llm.activation_checkpointing = args.checkpoint_layers if ac and args.checkpoint_layers is not None else ac
     if m.vision is not None:  # frozen: no graph at all
         m.vision.activation_checkpointing = args.activation_checkpointing and args.vision_lora
+    m.loss_chunk = args.loss_chunk
     return m.train()
+
+
+def compile_default(args, device):
+    """--compile as given; by default on a GPU in every mode (an uncompiled LoRA / QLoRA step waits on kernel
+    launches; frozen and full LLMs gain fused norms, RoPE and SwiGLU), except under ZeRO-3, whose hooks gather each
+    block's weights around its forward; off on a CPU, where compiling takes longer than it saves."""
+    if args.compile is not None:
+        return args.compile
+    return device.type == "cuda" and deepspeed_config(args)["zero_optimization"]["stage"] != 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,6 +268,11 @@ def deepspeed_config(args, trainable=None):
         "gradient_clipping": args.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": args.dtype == "bf16"},  # bf16 weights; ZeRO keeps fp32 master copies
+        # fp16: dynamic loss scaling (loss_scale 0) from 2^16. An overflowing step is skipped; hysteresis 2: the
+        # first overflow since the scale last grew only spends it, later ones halve the scale; 1000 clean steps in a
+        # row double it. DeepSpeed's defaults, spelled out
+        "fp16": {"enabled": args.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,      # we pass torch's AdamW object
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10 ** 9,                 # we print our own progress line
@@ -287,17 +280,10 @@ def deepspeed_config(args, trainable=None):
     }
     if args.deepspeed.endswith(".json"):
         cfg = merge_config(cfg, read_json(args.deepspeed))
+    if cfg["fp16"].get("enabled") is True and cfg["zero_optimization"].get("stage", 0) == 0:
+        raise SystemExit(f"--dtype fp16 with ZeRO-0 ({args.deepspeed}): DeepSpeed 0.19 scales the fp16 loss only under "
+                         f"ZeRO 1-3 (ZeRO-0 unscales gradients it never scaled); use --deepspeed deepspeed_zero2")
     return cfg
-
-
-def merge_config(ours, theirs):
-    """The user's DeepSpeed JSON overrides ours key by key (nested dicts merged); "auto" keeps our value."""
-    out = dict(ours)
-    for k, v in theirs.items():
-        if v == "auto":
-            continue
-        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def make_optimizer(params, args, device, zero):
@@ -318,6 +304,8 @@ def train_step(engine, micro_batches, device):
     The loss of the step is sum(token losses) / N over all its supervised tokens on all ranks, so each micro-batch's
     summed loss is scaled by world / N before backward: DeepSpeed divides the all-reduced gradient by the world
     size, and we tell it not to divide by the accumulation count (scale_wrt_gas=False), since N already counts it.
+    fp16: engine.backward also multiplies by the loss scale, and the optimizer divides it out of the gradients; if
+    they overflowed, engine.step skips the update (engine.was_step_applied() is False) and lowers the scale.
     """
     local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)  # model.forward's count
     n = all_reduce_sum(torch.tensor(float(local), dtype=torch.float64, device=device)).item()
@@ -343,13 +331,6 @@ def train_step(engine, micro_batches, device):
     return all_reduce_sum(loss_sum).item() / max(n, 1.0), gnorm
 
 
-def optimizer_steps(batches, accumulation):
-    """Group an epoch's micro-batches into optimizer steps of `accumulation` (the last one may be shorter)."""
-    it = iter(batches)
-    while micro := list(itertools.islice(it, accumulation)):
-        yield micro
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -361,6 +342,7 @@ def train(args, base=loader.build_model, dataset=None, save=True):
 
     device = init_distributed()
     resolve_args(args, world())
+    args.compile = compile_default(args, device)
     out, resume = open_run_folder(args)  # with args.json; resume: the checkpoint --resume names, if any
     if args.stage == "finetune" and not args.init_from:
         log("warning: --stage finetune without --init-from: the projector starts from random weights; pass "
@@ -390,7 +372,7 @@ def train(args, base=loader.build_model, dataset=None, save=True):
 
     report = data_report(ds, sampler, out)
     summary(args, m, report, total, steps_per_epoch, ds_config)
-    progress = Progress(out, total, step, flops_per_token(m), device)
+    progress = Progress(out, total, step, flops_per_token(m), device, args.dtype != "fp32", args.compile)
     if evaluates(args) and step == 0:
         evaluate(engine, tok, cfg, args, step, device)
         progress.restart_clock()
@@ -402,6 +384,7 @@ def train(args, base=loader.build_model, dataset=None, save=True):
     while step < total:
         for micro in optimizer_steps(make_loader(ds, sampler, args, cfg, epoch, consumed), args.accumulation):
             lr = scheduler.get_last_lr()[0]  # the lr this step uses (DeepSpeed steps the scheduler after it)
+            loss_scale = engine.optimizer.loss_scale if args.dtype == "fp16" else None  # the one this step uses
             loss, gnorm = train_step(engine, micro, device)
             step += 1
             consumed += sum(len(b["input_ids"]) for b in micro)  # the sampler's unit: a packed row counts once
@@ -409,7 +392,7 @@ def train(args, base=loader.build_model, dataset=None, save=True):
             unreadable.update((r["file"], r["id"]) for b in micro for r in b["replaced"])
             counts = all_reduce_sum(torch.tensor([float(sum(b["positions"] for b in micro)), float(samples)],
                                                  device=device)).tolist()
-            progress.step(step, epoch, loss, lr, gnorm, counts[0], counts[1], args.dtype == "bf16")
+            progress.step(step, epoch, loss, lr, gnorm, counts[0], counts[1], loss_scale, engine.was_step_applied())
             losses.append(loss)
             if step == total:
                 break

@@ -33,11 +33,13 @@ import lora
 from extras import loader
 from extras.distributed import barrier, broadcast, log, rank, world
 from extras.xtuner import safe_torch_load
-from model import LLaVA, Projector
+from model import LLM_LORA_TARGETS, VISION_LORA_TARGETS, LLaVA, Projector
 from weights import CheckpointError, atomic_write, load_with_table, read_json, write_json
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # train.py --dtype
+
 # ----------------------------------------------------------------------------------------------------------------
-# The run's model from llava.json
+# The run's model: llava.json from the flags, and back
 
 
 def add_trainable_parts(m, cfg):
@@ -53,6 +55,31 @@ def add_trainable_parts(m, cfg):
         lora.inject_lora(m.vision, c["targets"], c["r"], c["alpha"], c["dropout"])
     if m.projector is not None:
         m.projector.requires_grad_(True)
+
+
+def model_config(args):
+    """llava.json for train.py's flags (extras.loader.save_model writes it, load_model reads it), sizes read from
+    the config.json of --llm and --vision. A text-only run (sft) says "vision": None and "projector": None: its model/
+    is the LLM's adapter (or full weights) alone."""
+    def read(path, cls, flag):
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"{flag} {path}: no config.json there (give the folder of an HF checkpoint)")
+        return cls.from_hf_config(read_json(Path(path) / "config.json"))
+
+    vcfg = None if args.vision is None else read(args.vision, clip.CLIPConfig, "--vision")
+    lcfg = read(args.llm, llama.LlamaConfig, "--llm")
+    lora_cfg = lambda r, a, d, t: {"r": r, "alpha": a, "dropout": d, "targets": list(t)}  # noqa: E731
+    llm_lora = lora_cfg(args.lora_r, args.lora_alpha, args.lora_dropout, LLM_LORA_TARGETS)
+    cfg = {"llm": str(args.llm), "vision": None, "projector": None, "template": args.template, "image_tokens": 0,
+           "llm_mode": args.llm_mode, "llm_lora": llm_lora if args.llm_mode in ("lora", "qlora") else None,
+           "vision_lora": None, "dtype": str(TORCH_DTYPES[args.dtype]).removeprefix("torch.")}
+    if vcfg:  # LLaVA: the vision tower, how images enter it, the projector to the LLM
+        cfg.update(vision=str(args.vision), select_layer=args.select_layer, image_mode=args.image_mode,
+                   image_size=vcfg.image_size, image_tokens=vcfg.num_patches,
+                   projector={"in": vcfg.hidden_size, "hidden": lcfg.hidden_size, "out": lcfg.hidden_size},
+                   vision_lora=lora_cfg(args.vision_lora_r, args.vision_lora_alpha, args.vision_lora_dropout,
+                                        VISION_LORA_TARGETS) if args.vision_lora else None)
+    return cfg
 
 
 def empty_model(cfg, dtype, device):
@@ -247,8 +274,9 @@ def resume_training(engine, scheduler, resume, args, out):
     metrics.jsonl cut at the checkpoint's step. Returns (step, epoch, samples of the epoch consumed by this rank)."""
     state = load_checkpoint(engine, *resume)
     step = state["step"]
-    # recompute this step's lr from the schedule: it differs from the saved one if --max-steps / --epochs changed
-    scheduler.last_epoch = step - 1
+    # recompute this step's lr from the schedule: it differs from the saved one if --max-steps / --epochs changed;
+    # steps skipped on an inf/nan gradient (fp16 overflows) did not advance it (DeepSpeed restores their count)
+    scheduler.last_epoch = step - engine.skipped_steps - 1
     scheduler.step()
     for k in ("micro_batch", "accumulation", "global_batch", "seed", "max_length", "data"):
         if state["args"].get(k) != getattr(args, k):

@@ -1,5 +1,6 @@
-"""The process group of a training run: start or join it, this process's rank, and the few collectives train.py
-uses. Every helper also works without a group (one process: rank 0 of 1), so tests and tools can call them alone.
+"""The process group of a training run: start or join it, this process's rank, the few collectives train.py
+uses, and the merge of a user's DeepSpeed JSON over train.py's config. Every helper also works without a group (one
+process: rank 0 of 1), so tests and tools can call them alone.
 
 `deepspeed` and `torchrun` start one process per GPU and set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT; a plain `python train.py` sets them itself for a group of one.
@@ -75,3 +76,13 @@ def log(*a):
     """print on rank 0 only."""
     if rank() == 0:
         print(*a, flush=True)
+
+
+def merge_config(ours, theirs):
+    """The user's DeepSpeed JSON overrides ours key by key (nested dicts merged); "auto" keeps our value."""
+    out = dict(ours)
+    for k, v in theirs.items():
+        if v == "auto":
+            continue
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

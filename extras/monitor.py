@@ -4,8 +4,10 @@ last lines at the end.
 
     step 120/5000 | loss 1.234 | lr 2.0e-05 | gnorm 0.87 | 9,450 tok/s | 14.2 samples/s | mfu 41% | mem 61.2 GB
 
-tok/s counts every position (image positions included) over all ranks; mfu appears only in bf16 on a GPU whose
-peak is known, mem (the peak allocated since training began, rank 0) only on a GPU.
+tok/s counts every position (image positions included) over all ranks; mfu appears only in bf16 / fp16 on a GPU
+whose peak is known, mem (the peak allocated since training began, rank 0) only on a GPU. fp16 runs add the loss
+scale the step used; a step DeepSpeed skipped (inf/nan gradients: an fp16 overflow) says so. With compiled blocks
+the first step's line gives its time, and a later line how much of it went to compiling.
 """
 
 import json
@@ -22,7 +24,8 @@ import lora
 from extras.distributed import log, rank, world
 from model import generate
 
-# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the mfu field; other devices print no mfu
+# dense bf16 tensor-core peaks (FLOP/s, fp16's are the same) from the vendors' data sheets, for the mfu field; other
+# devices print no mfu
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12}
 
 
@@ -68,7 +71,8 @@ def summary(args, m, report, total, steps_per_epoch, ds_config):
     lines += [
         f"stage {args.stage}{' (text only)' if args.vision is None else ''}{' | packed' if args.pack else ''}"
         f" | llm {args.llm_mode}{' + vision LoRA' if args.vision_lora else ''} | dtype {args.dtype}"
-        f" | ZeRO-{zero['stage']}{offload} | activation checkpointing {checkpointing}",
+        f" | ZeRO-{zero['stage']}{offload} | activation checkpointing {checkpointing}"
+        f" | compiled blocks {'on' if args.compile else 'off'} | loss chunk {args.loss_chunk}",
         f"world {world()} x micro-batch {args.micro_batch} x accumulation {args.accumulation} = global batch "
         f"{args.global_batch} | {total} optimizer steps ({steps_per_epoch} per epoch) | lr {args.lr:.1e}",
         f"data: {report}",
@@ -103,8 +107,13 @@ def flops_per_token(m):
 
 
 class Progress:
-    def __init__(self, out, total_steps, start_step, flops_per_token, device):
-        self.total, self.device, self.flops = total_steps, device, flops_per_token
+    COMPILE_WINDOW = 4  # steps after the first whose median time stands for a compiled step
+
+    def __init__(self, out, total_steps, start_step, flops_per_token, device, half=True, compiled=False):
+        """half: bf16 or fp16 weights (mfu is against the 16-bit peak); compiled: the LLM blocks compile in the
+        first step this process runs."""
+        self.total, self.device, self.flops, self.half = total_steps, device, flops_per_token, half
+        self.first_s, self.later_s = (None, []) if compiled else (0.0, None)
         self.peak = None
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
@@ -118,20 +127,28 @@ class Progress:
                             disable=None)  # None: no bar when stderr is not a terminal (logs, tests)
         self.t = time.perf_counter()
 
-    def step(self, step, epoch, loss, lr, gnorm, tokens, samples, bf16):
-        """Print and record one optimizer step; returns the record."""
+    def step(self, step, epoch, loss, lr, gnorm, tokens, samples, loss_scale=None, applied=True):
+        """Print and record one optimizer step; returns the record. loss_scale: the fp16 loss scale the step used;
+        applied: False when DeepSpeed skipped the update (engine.was_step_applied())."""
         now = time.perf_counter()
         dt, self.t = now - self.t, now
-        rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "gnorm": gnorm,
+        rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "gnorm": gnorm, "step_s": dt,
                "tok_s": tokens / dt, "samples_s": samples / dt, "world": world(), "time": time.time()}
         line = (f"step {step}/{self.total} | loss {loss:.3f} | lr {lr:.1e} | gnorm {gnorm:.2f} | "
                 f"{rec['tok_s']:,.0f} tok/s | {rec['samples_s']:.1f} samples/s")
-        if self.peak and bf16:
+        if self.peak and self.half:
             rec["mfu"] = self.flops * rec["tok_s"] / (world() * self.peak)
             line += f" | mfu {100 * rec['mfu']:.0f}%"
         if self.device.type == "cuda":
             rec["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
             line += f" | mem {rec['mem_gb']:.1f} GB"
+        if loss_scale is not None:
+            rec["loss_scale"] = loss_scale
+            line += f" | loss scale {loss_scale:,.0f}"
+        if not applied:  # DeepSpeed also left the lr schedule where it was
+            rec["skipped"] = True
+            line += " | skipped: inf/nan gradients, no update"
+        line += self.compile_note(step, dt, rec)
         if rank() == 0:
             with open(self.file, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -141,6 +158,23 @@ class Progress:
             else:
                 print(line, flush=True)
         return rec
+
+    def compile_note(self, step, dt, rec):
+        """The first step's time, and once COMPILE_WINDOW more steps ran (or the run ended), an estimate of its
+        one-time cost: its time less the median of the next steps'. Empty for a run without compiled blocks."""
+        if self.first_s is None:
+            self.first_s = dt
+            return f" | {dt:.1f} s, compiling"
+        if self.later_s is None:
+            return ""
+        self.later_s.append(dt)
+        if len(self.later_s) < self.COMPILE_WINDOW and step < self.total:
+            return ""
+        n, typical = len(self.later_s), sorted(self.later_s)[len(self.later_s) // 2]
+        rec["compile_s"] = self.first_s - typical
+        self.later_s = None
+        return (f"\ncompiling: the first step took {self.first_s:.1f} s, the next {n} {typical:.1f} s each (median): "
+                f"about {rec['compile_s']:.0f} s of one-time work, mostly torch.compile (--no-compile skips it)")
 
     def restart_clock(self):
         """Leave evaluation and checkpoint time out of the next step's throughput."""

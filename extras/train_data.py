@@ -1,12 +1,14 @@
 """The data of a train.py run, wired from data.py's pieces: the dataset of the --data specs (every dropped record
 listed in RUN/bad_records.jsonl), this rank's sampler, one epoch's batches, and the one-line data report.
 
-    open_dataset   datasets.open_data, checked for the stage (text-only for sft), packed with --pack (extras/packing.py)
-    make_sampler   shuffled for pretrain, grouped by length for finetune and sft (XTuner's choice per stage)
-    make_loader    this rank's micro-batches of one epoch, resumable mid-epoch
+    open_dataset     datasets.open_data, checked for the stage (text-only for sft), packed with --pack (packing.py)
+    make_sampler     shuffled for pretrain, grouped by length for finetune and sft (XTuner's choice per stage)
+    make_loader      this rank's micro-batches of one epoch, resumable mid-epoch
+    optimizer_steps  those micro-batches grouped into optimizer steps
 """
 
 import dataclasses
+import itertools
 import json
 from functools import partial
 from pathlib import Path
@@ -38,8 +40,9 @@ def open_dataset(args, tok, cfg):
                          f"tools/check_data.py check ...)")
     with_image = np.flatnonzero(np.asarray(ds.modality_lengths) > 0) if text_only else []
     if len(with_image):
+        ids = [r for d in getattr(ds, "datasets", [ds]) for r in d.record_ids]  # a mix of several --data, or one
         raise SystemExit(f"--stage sft trains the LLM alone, but {len(with_image):,} of the {len(ds):,} samples in "
-                         f"{args.data} have an image (the first: {ds.record_ids[with_image[0]]}): remove those records "
+                         f"{args.data} have an image (the first: {ids[with_image[0]]}): remove those records "
                          f"(or their `image` key), or train them with --stage finetune --vision CLIP_DIR")
     if args.pack:
         ds = PackedDataset(ds, args.max_length, seed=args.seed)
@@ -76,6 +79,13 @@ def make_loader(ds, sampler, args, cfg, epoch, start):
         # its own generator: creating the iterator then draws no number from the global RNG, which dropout uses,
         # so a resumed run draws the same dropout masks as an uninterrupted one
         generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+def optimizer_steps(batches, accumulation):
+    """Group an epoch's micro-batches into optimizer steps of `accumulation` (the last one may be shorter)."""
+    it = iter(batches)
+    while micro := list(itertools.islice(it, accumulation)):
+        yield micro
 
 
 def data_report(ds, sampler, out):

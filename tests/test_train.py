@@ -176,6 +176,60 @@ def test_deepspeed_config_merge(tmp_path):
     assert train.deepspeed_config(a)["zero_optimization"] == {"stage": 0}
 
 
+def test_compile_default(tmp_path):
+    """Compiled blocks by default on a GPU in every mode, except under ZeRO-3 (preset or JSON); never by default on a
+    CPU; --compile / --no-compile always win. (torch.device("cuda") is only a name here: no GPU is needed.)"""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    req = ["--llm", "x", "--data", "d.json"]
+    modes = {"pretrain": ["--stage", "pretrain"], "pretrain-nf4": ["--stage", "pretrain", "--llm-mode", "frozen-nf4"],
+             "finetune-full": ["--stage", "finetune"], "lora": ["--stage", "finetune", "--lora"],
+             "qlora": ["--stage", "finetune", "--qlora"], "sft": ["--stage", "sft", "--lora"]}
+    (tmp_path / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    (tmp_path / "z2.json").write_text(json.dumps({"zero_optimization": {"overlap_comm": False}}))
+
+    def default(mode, *extra, device=cuda):
+        vision = [] if mode == "sft" else ["--vision", "y"]
+        args = train.resolve_args(train.parse_args([*modes[mode], *req, *vision, *extra]), 1)
+        return train.compile_default(args, device)
+
+    for mode in modes:
+        assert train.parse_args([*modes[mode], *req, *([] if mode == "sft" else ["--vision", "y"])]).compile is None
+        assert (default(mode), default(mode, device=cpu)) == (True, False), mode
+        assert (default(mode, "--no-compile"), default(mode, "--compile", device=cpu)) == (False, True), mode
+        for zero3 in ("deepspeed_zero3", "deepspeed_zero3_offload", str(tmp_path / "z3.json")):
+            assert default(mode, "--deepspeed", zero3) is False and default(mode, "--deepspeed", zero3, "--compile")
+        for other in ("deepspeed_zero0", "deepspeed_zero1", "deepspeed_zero2_offload", str(tmp_path / "z2.json")):
+            assert default(mode, "--deepspeed", other) is True
+
+
+def test_progress_shows_the_first_compiled_step_and_its_compile_time(tmp_path, monkeypatch, capsys):
+    """With compiled blocks the first step's line gives its time; once 4 more steps ran, one line says how long it
+    took against the median of those (here 45 s against 2 s: 43 s). A clock stands in for time.perf_counter."""
+    from extras import monitor
+
+    def run(compiled, total, times):
+        clock = iter(np.cumsum([0.0, *times]))
+        monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
+        out = tmp_path / f"{compiled}-{total}"
+        out.mkdir()
+        p = monitor.Progress(out, total, 0, 1.0, torch.device("cpu"), half=False, compiled=compiled)
+        recs = [p.step(i + 1, 0, 1.0, 1e-4, 0.5, 100, 1) for i in range(len(times))]
+        return recs, capsys.readouterr().out.splitlines()
+
+    recs, lines = run(True, 10, [45, 2, 3, 2, 2, 2])
+    assert lines[0].endswith(" | 0.0 samples/s | 45.0 s, compiling") and lines[0].startswith("step 1/10 ")
+    assert lines[1:5] == [f"step {i}/10 | loss 1.000 | lr 1.0e-04 | gnorm 0.50 | {100 / t:,.0f} tok/s | "
+                          f"{1 / t:.1f} samples/s" for i, t in zip(range(2, 6), [2, 3, 2, 2])]
+    assert lines[5] == ("compiling: the first step took 45.0 s, the next 4 2.0 s each (median): about 43 s of one-time "
+                        "work, mostly torch.compile (--no-compile skips it)")
+    assert [r["step_s"] for r in recs] == [45, 2, 3, 2, 2, 2] and recs[4]["compile_s"] == 43
+    assert len(lines) == 7 and "compil" not in lines[6] and all("compile_s" not in r for r in recs[:4] + recs[5:])
+    _, lines = run(True, 2, [30, 4])  # a run shorter than the window: the estimate comes at its last step
+    assert lines[1].startswith("step 2/2") and lines[2].startswith("compiling: the first step took 30.0 s, the next 1 ")
+    _, lines = run(False, 3, [30, 4, 4])  # without compiled blocks: nothing about compiling
+    assert len(lines) == 3 and not any("compil" in ln for ln in lines)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loss normalisation: the same step whatever the micro-batch / accumulation split
 
@@ -393,6 +447,22 @@ def test_bad_data_training_completes_and_reports(tiny, tmp_path, capsys):
                                       "more_placeholders", "too_long"]
     assert all(b["file"] == str(path) and b["reason"] for b in bad) and [b["index"] for b in bad] == [11, 12, 13, 14, 15]
     assert f"all 5 dropped records, each with its reason: {out}/bad_records.jsonl" in text
+
+
+def test_sft_names_an_image_record_in_a_mix(tiny, tmp_path):
+    """--stage sft over several --data (a mix), one of them with images: stopped, the first such record named."""
+    from extras.train_data import open_dataset
+    from extras.tokenizer_files import load_tokenizer
+
+    msgs = [{"id": f"m{i}", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+            for i in range(2)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    (tmp_path / "run").mkdir()
+    args = train.resolve_args(train.parse_args(["--stage", "sft", "--llm", str(tiny["llm"]), "--lora", "--data",
+                                                str(tmp_path / "m.jsonl"), "--data", f"{tiny['data']}:{tiny['images']}",
+                                                "--out", str(tmp_path / "run")]), 1)
+    with pytest.raises(SystemExit, match=r"16 of the 18 samples .* have an image \(the first: r0\)"):
+        open_dataset(args, load_tokenizer(tiny["llm"]), train.model_config(args))
 
 
 def test_every_bad_record_is_listed(tiny, tmp_path):
