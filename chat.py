@@ -6,6 +6,7 @@
     python chat.py --model runs/internlm2-sft-qlora  # a text-only run (train.py --stage sft): its template
     python chat.py --model merged --template internlm2_chat   # a plain LLM folder names no template: say which
     python chat.py --model llava-xtuner --llm LLM --vision CLIP  # XTuner's layout from elsewhere: name the bases
+    python chat.py --serve --port 8000               # an OpenAI-compatible API and a chat page (extras/serve.py)
 
 One line is one message. Commands: RESET (new conversation), EXIT, IMAGE <path> (new conversation about another
 image). Template, vision tower, projector and select layer come from the model folder (extras/loader.py reads every
@@ -47,17 +48,16 @@ class Conversation:
         self.close_ids = data.encode_reply(tok, self.template, "")  # suffix or EOS, then the separator
         self.device = model.llm.embed_tokens.weight.device
         self.step_fn, self.sync_every = None, 1
-        if args.compile:
-            if self.device.type != "cuda":
-                print("(--compile is for GPUs; running eager on CPU)", file=out)
-            else:
-                # q/k/v and gate/up each read as one matrix (an adapter run keeps its LoRA / NF4 layers apart),
-                # compiled blocks (prefill and decode), the decode step replayed from a CUDA graph, and tokens
-                # brought to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
-                if not unfusable_projections(model.llm):
-                    fuse_projections(model.llm)
-                model.llm.compile_blocks()
-                self.step_fn, self.sync_every = GraphedDecodeStep(), 4
+        if args.compile and self.device.type != "cuda":
+            print("(--compile is for GPUs; running eager on CPU)", file=out)
+        elif args.compile is not False and self.device.type == "cuda":  # on by default on a GPU
+            # q/k/v and gate/up each read as one matrix (an adapter run keeps its LoRA / NF4 layers apart),
+            # compiled blocks (prefill and decode), the decode step replayed from a CUDA graph, and tokens
+            # brought to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
+            if not unfusable_projections(model.llm):
+                fuse_projections(model.llm)
+            model.llm.compile_blocks()
+            self.step_fn, self.sync_every = GraphedDecodeStep(), 4
         self.image = None
         self.reset()
 
@@ -78,11 +78,13 @@ class Conversation:
         except (OSError, clip.ImageError) as e:
             print(f"[cannot use image {path}: {e}; the chat goes on without it]", file=self.out)
             return False
-        size = self.cfg.get("image_size", 336)
-        pad = self.cfg.get("image_mode", "pad") == "pad"
-        self.image = clip.preprocess(img, size, pad_to_square=pad)[None]  # (1, 3, S, S)
+        self.image = self.pixels(img)
         self.reset()
         return True
+
+    def pixels(self, img):
+        """A PIL image as the model was trained on it: (1, 3, S, S), padded to a square or cropped per the folder."""
+        return clip.preprocess(img, self.cfg.get("image_size", 336), self.cfg.get("image_mode", "pad") == "pad")[None]
 
     def ask(self, text):
         first = self.turns == 0
@@ -119,12 +121,7 @@ class Conversation:
                 first_token.append(time.perf_counter())
             printer.push(t)
 
-        gen = torch.Generator(device=self.device).manual_seed(self.args.seed + self.turns)
-        new = generate(self.model, [ids], pixels, max_new_tokens=self.args.max_new_tokens,
-                       temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
-                       stop_ids=self.stop_ids, on_token=on_token, cache_offset=self.cached,
-                       max_cache_len=self.args.context, step_fn=self.step_fn, generator=gen,
-                       sync_every=self.sync_every)[0]
+        new = self.answer(ids, pixels, on_token, self.cached, self.args.seed + self.turns)
         t1 = time.perf_counter()
         printer.flush()
         print(file=self.out)
@@ -139,6 +136,14 @@ class Conversation:
             print(f"[prefill {len(ids)} tokens | time to first token {ttft * 1000:.0f} ms | "
                   f"{len(new)} tokens | {rate:.1f} tok/s]", file=self.out)
         return new
+
+    def answer(self, ids, pixels, on_token, cache_offset=0, seed=0, **sampling):
+        """The new tokens answering `ids` (after `cache_offset` cached ones), with this session's stop ids, compiled
+        step and context; `sampling` (temperature, top_k, top_p, max_new_tokens) overrides the flags' values."""
+        s = {k: getattr(self.args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens")} | sampling
+        return generate(self.model, [ids], pixels, **s, stop_ids=self.stop_ids, on_token=on_token,
+                        cache_offset=cache_offset, max_cache_len=self.args.context, step_fn=self.step_fn,
+                        generator=torch.Generator(device=self.device).manual_seed(seed), sync_every=self.sync_every)[0]
 
 
 class _Streamer:
@@ -188,13 +193,17 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
                    help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="GPU: fuse the q/k/v and gate/up projections (not with LoRA / NF4 layers), compile the "
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="on by default on a GPU (--no-compile: eager): fuse the q/k/v and gate/up projections (not with LoRA / NF4 layers), compile the "
                         "decoder blocks and replay each decode step from a CUDA graph (the first answer waits for "
                         "the compilation)")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer these messages (repeatable) and exit, instead of reading stdin")
+    p.add_argument("--serve", action="store_true",
+                   help="serve an OpenAI-compatible HTTP API and a chat page instead (extras/serve.py)")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (another host can reach 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.context < 2:
         p.error("--max-new-tokens must be at least 1 and --context at least 2")
@@ -217,6 +226,9 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout):
         print(f"{where} is a text-only model (no vision tower): leave --image out", file=sys.stderr)
         return 2
     chat = Conversation(model, tok, cfg, args, out)
+    if args.serve:  # the flags' sampling values are the requests' defaults
+        from extras import serve
+        return serve.run(chat, _Streamer, args.host, args.port, name=str(loader.model_path(args.model)))
     if args.image:
         chat.set_image(args.image)
     interactive = args.prompt is None and stdin.isatty()
