@@ -22,14 +22,15 @@ test: install
 	$(PY) -m pytest
 
 # The demo: generated pictures, tiny random models with the real Llama-3 tokenizer, both training stages, an
-# MMBench-format eval on held-out pictures (mmbench_result.json), and one chat answer. CPU, a few minutes.
+# MMBench-format and a yes/no eval on held-out pictures (one two-benchmark table), and one chat answer. CPU, minutes.
 demo: install
 	rm -rf $(DEMO) demo_data
 	$(PY) demo.py data demo_data
 	$(PY) demo.py models demo_data/models
 	$(PY) train.py @recipes/demo-pretrain.args
 	$(PY) train.py @recipes/demo-finetune.args
-	$(PY) eval_mmbench.py --model $(DEMO)/finetune/model --data demo_data/eval.tsv --out $(DEMO)/eval --batch-size 16
+	$(PY) eval_mmbench.py --model $(DEMO)/finetune/model --data demo_data/eval.tsv --data demo_data/eval_yesno.tsv \
+		--out $(DEMO)/eval --batch-size 16
 	$(PY) chat.py --model $(DEMO)/finetune/model --image demo_data/example.png --temperature 0 \
 		--max-new-tokens 40 --prompt "What colour are the shapes?" --prompt "How many shapes are there?"
 

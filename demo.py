@@ -8,13 +8,18 @@ and writes what the two training stages and the benchmark read:
 
     OUT_DIR/pretrain.json    LLaVA records: "<image>\\nDescribe the image." -> "Two red circles, at the top left ..."
     OUT_DIR/finetune.json    LLaVA records: multi-turn questions about colour, shape, count and position, open
-                             ("What colour are the shapes?" -> "Red.") and multiple-choice in MMBench's own prompt
-                             format (-> "B"); text-only records too with --n-text N
+                             ("What colour are the shapes?" -> "Red."), multiple-choice in MMBench's own prompt
+                             format (-> "B") and yes/no ("Is there a shape in the image? Please answer yes or
+                             no." -> "Yes."), with a few empty pictures (-> "No."); text-only records too with
+                             --n-text N
     OUT_DIR/images/          the PNGs of both (record paths are relative to OUT_DIR, the image folder)
     OUT_DIR/eval.tsv         an MMBench dev TSV on new pictures: one question per picture, the answer letters
                              exactly balanced over A-D within each category (colour, shape, count, position)
     OUT_DIR/eval_blank.tsv   the same questions over pictures with the shapes left out: the control. A model that
                              really reads the picture scores ~0.25 (chance) there and far more on eval.tsv.
+    OUT_DIR/eval_yesno.tsv   a yes/no benchmark (POPE's object-existence question): "Is there a shape in the
+                             image? Please answer yes or no." of each eval.tsv picture (Yes) and of its blank
+                             version (No)
     OUT_DIR/example.png      one more new picture (three blue triangles) for the demo's chat turn
 
 `models` writes a randomly initialised (seeded) tiny CLIP vision tower and tiny Llama in HF layout with our own
@@ -67,6 +72,7 @@ LETTERS = "ABCD"
 OPTIONS = {"colour": list(COLOURS), "shape": list(SHAPES), "count": ["1", "2", "3", "4"], "position": list(CORNERS)}
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # MMBench's (XTuner's) line
+YN_INSTRUCTION = "Please answer yes or no."  # how MME's questions end
 HINT = "The picture shows flat coloured shapes on a plain background."
 SUPERSAMPLE = 4  # draw 4x larger, then box-filter down: smooth edges whose partial coverage still shows the shape
 
@@ -200,6 +206,24 @@ def mc_prompt(category, hint=None):
     return (f"{hint}\n" if hint else "") + MC_QUESTIONS[category] + "\n" + options + MC_INSTRUCTION
 
 
+# The yes/no questions: whether anything is drawn (POPE's object-existence question, at its simplest). The answer
+# depends on the picture alone, as a multiple-choice letter does; questions that name a colour or a shape ("Is the
+# colour of the shapes red?") ask the model to compare a word with the picture, which the tiny model did not learn
+# in the demo's 500 steps (answered at chance, and they cost the multiple-choice benchmark 0.91 -> 0.67).
+EXISTENCE_QUESTIONS = ("Is there a shape in the image?", "Is anything drawn in the picture?",
+                       "Does the image show any shape?")
+EXISTENCE_SHARE = 0.25  # finetune records that end with an existence question (answer "Yes.")
+BLANK_SHARE = 1 / 20    # empty pictures added to the finetune set, per picture with shapes (answer "No.")
+BLANK_ANSWERS = {"colour": ("What colour are the shapes?", "There are no shapes."),
+                 "count": ("How many shapes are there?", "None."),
+                 "shape": ("What shape is shown?", "There are no shapes.")}
+
+
+def existence_question(rng, drawn):
+    """A yes/no question whether the picture shows anything, and its answer."""
+    return f"{rng.choice(EXISTENCE_QUESTIONS)} {YN_INSTRUCTION}", "Yes." if drawn else "No."
+
+
 def mc_letter(scene, category):
     return LETTERS[OPTIONS[category].index(scene.answer(category))]
 
@@ -233,9 +257,9 @@ def pretrain_records(scenes, rng):
 
 def finetune_record(i, scene, rng, categories=CATEGORIES):
     """2-4 questions about one picture (the first turn holds the image), each about a category that fits the
-    picture, about half of them MMBench-style multiple choice; always one about the shape, which the random tower
-    makes the hardest to learn; a category comes back only when the picture has fewer categories than turns, then
-    in the other form.
+    picture, about half of them MMBench-style multiple choice, the others open or (colour) yes/no; always one about
+    the shape, which the random tower makes the hardest to learn; a category comes back only when the picture has
+    fewer categories than turns, then in the other form.
 
     The number of turns is drawn independently of the picture on purpose: the finetune sampler groups samples of
     similar length into a batch (XTuner's), so a length that depended on the content (say, one more turn for
@@ -256,7 +280,22 @@ def finetune_record(i, scene, rng, categories=CATEGORIES):
         else:
             q, a = open_question(scene, cat, rng)
         turns += [{"from": "human", "value": ("<image>\n" if n == 0 else "") + q}, {"from": "gpt", "value": a}]
+    if rng.random() < EXISTENCE_SHARE:
+        q, a = existence_question(rng, drawn=True)
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     return {"id": f"finetune-{i}", "image": f"images/finetune/{i:06d}.png", "conversations": turns}
+
+
+def blank_record(j, rng, categories=CATEGORIES):
+    """An empty picture's record (its file: images/finetune/blank-J.png): the existence question (No.), then up to
+    three questions the picture cannot answer, said so ("There are no shapes.")."""
+    asked = [BLANK_ANSWERS[c] for c in categories if c in BLANK_ANSWERS]
+    asked = rng.sample(asked, min(rng.randint(1, 3), len(asked)))
+    q, a = existence_question(rng, drawn=False)
+    turns = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
+    for q, a in asked:
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"id": f"blank-{j}", "image": f"images/finetune/blank-{j:06d}.png", "conversations": turns}
 
 
 def text_only_record(i, rng):
@@ -305,6 +344,24 @@ def eval_items(n, seed, size, exclude=frozenset(), categories=CATEGORIES):
                "answer": mc_letter(scene, cat), "category": cat, "l2-category": cat}
         items.append((scene, row))
     return items
+
+
+YN_COLUMNS = ["index", "question", "answer", "category", "image"]
+
+
+def write_yes_no_tsv(path, items, size, seed):
+    """The yes/no benchmark: each benchmark picture asked whether anything is drawn on it (Yes), and the same
+    picture without its shapes (No), in random order: half the answers are Yes, in both categories, drawn and
+    blank."""
+    rng = random.Random(f"{seed}:yesno")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(YN_COLUMNS)
+        for k, (scene, _) in enumerate(items):
+            for j, drawn in enumerate(rng.sample((True, False), 2)):
+                q, a = existence_question(rng, drawn)
+                image = base64.b64encode(png_bytes(draw(scene, size, blank=not drawn))).decode("ascii")
+                w.writerow([2 * k + j, q, a.rstrip("."), "drawn" if drawn else "blank", image])
 
 
 def write_tsv(path, items, size, blank=False):
@@ -362,6 +419,9 @@ def write_data(out_dir, n_pretrain=DEMO_SIZES["n_pretrain"], n_finetune=DEMO_SIZ
     rng = random.Random(f"{seed}:finetune")
     scenes = make_scenes("finetune", n_finetune, rng, FINETUNE_COUNTS)
     finetune = [finetune_record(i, s, rng, categories) for i, s in enumerate(scenes)]
+    for j in range(round(n_finetune * BLANK_SHARE)):  # empty pictures at seeded places
+        draw(random_scene(rng), size, blank=True).save(out / "images" / "finetune" / f"blank-{j:06d}.png")
+        finetune.insert(rng.randint(0, len(finetune)), blank_record(j, rng, categories))
     for j in range(n_text):  # spread the text-only records through the file at seeded places
         finetune.insert(rng.randint(0, len(finetune)), text_only_record(j, rng))
     for name, records in (("pretrain.json", pretrain), ("finetune.json", finetune)):
@@ -376,8 +436,9 @@ def write_data(out_dir, n_pretrain=DEMO_SIZES["n_pretrain"], n_finetune=DEMO_SIZ
     items = eval_items(n_eval, seed, size, exclude=seen, categories=categories)
     write_tsv(out / "eval.tsv", items, size)
     write_tsv(out / "eval_blank.tsv", items, size, blank=True)
+    write_yes_no_tsv(out / "eval_yesno.tsv", items, size, seed)
     return {"pretrain": len(pretrain), "finetune": len(finetune), "text_only": n_text, "eval": len(items),
-            "image_size": size, "example": caption(example)}
+            "yesno": 2 * len(items), "image_size": size, "example": caption(example)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,8 +556,8 @@ def main(argv=None):
         info = write_data(args.out, args.n_pretrain, args.n_finetune, args.n_eval, args.seed, args.image_size,
                           args.n_text, args.categories.split(","))
         print(f"wrote {info['pretrain']} pretrain and {info['finetune']} finetune records "
-              f"({info['text_only']} text-only), {info['eval']} benchmark questions ({info['image_size']} px) "
-              f"to {args.out}; {args.out}/example.png shows: {info['example']}")
+              f"({info['text_only']} text-only), {info['eval']} benchmark and {info['yesno']} yes/no questions "
+              f"({info['image_size']} px) to {args.out}; {args.out}/example.png shows: {info['example']}")
     else:
         info = write_models(args.out, args.seed)
         print(f"wrote a tiny CLIP ({info['vision_params']:,} parameters) to {info['vision']} and a tiny Llama "

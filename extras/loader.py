@@ -180,8 +180,8 @@ def model_path(path=None):
     if path is None or (Path(path) == Path("runs/latest") and not Path(path).exists()):
         return latest_model_dir()
     if not Path(path).exists():
-        raise LoadError(f"no model at {path}: pass --model DIR (a run's model/ folder or any export), or leave "
-                        "--model out to use runs/latest")
+        raise LoadError(f"no model at {path}: train one first (train.py links runs/latest to its model/ folder), "
+                        "or pass --model DIR (a run's model/ folder or any export)")
     return Path(path)
 
 

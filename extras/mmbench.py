@@ -1,13 +1,16 @@
-"""What eval_mmbench.py leaves out of its main path: the answer-letter rules, XTuner's category names and printed
-table, prediction tables in and out, and the work folder that makes a run resumable.
+"""MMBench / CCBench by XTuner's protocol, and the files every benchmark run reads and writes: the answer-letter
+rules, XTuner's CircularEval and category names, prediction tables in and out, the submission xlsx, and the work
+folder that makes a run resumable.
 
 * `extract_choice`: the option letter a free-form answer picks, by documented rules (XTuner takes the first run of
-  capital A-D anywhere in the answer instead).
+  capital A-D anywhere in the answer instead; VLMEvalKit's matching is extras.scoring.vlmevalkit_choice).
+* `score`: XTuner's CircularEval accuracy, "Average" then one accuracy per l2-category (or category), XTuner's
+  abbreviations: the keys of mmbench_result.json.
 * Records: one dict per TSV row, XTuner's result columns (index, question, the option letters, prediction, category,
   l2-category, split, answer) plus our "options", "extracted", "hit" and "error". `question_record` builds one;
   `records_from_predictions` builds them from a predictions table for `eval_mmbench.py --score`.
-* Tables: our predictions.jsonl, XTuner's mmbench_result.xlsx (openpyxl is optional: without it the same columns go
-  to mmbench_result.tsv), and any .tsv / .csv with the columns index and prediction.
+* Tables: our predictions.jsonl, XTuner's mmbench_result.xlsx (the MMBench server's submission format, written with
+  openpyxl), and any .tsv / .csv with the columns index and prediction.
 * The work folder: run.json names the model, TSV and decoding setup the answers belong to; partial-rank{R}.jsonl
   holds each rank's answers as they are produced, so a rerun of the same command skips what is there.
 """
@@ -16,13 +19,17 @@ import csv
 import json
 import re
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import openpyxl
 
 from weights import atomic_write, write_json
 
 MISSING = {"", "nan", "NaN"}  # how an empty (pandas NaN) cell appears in the TSVs
 # columns of XTuner's mmbench_result.xlsx (the option letters go after "question")
 RESULT_COLUMNS = ["question", "prediction", "category", "l2-category", "index", "split", "answer"]
+CIRCULAR = 1_000_000  # circular copies of question i have index i + k * 1e6
 
 # XTuner's abbreviations (MMBenchDataset.ABBRS): MMBench l2-categories and CCBench categories
 CATEGORY_ABBR = {
@@ -51,11 +58,27 @@ def cell(value):
     return "" if value is None or value.strip() in MISSING else value
 
 
+def parse_index(value):
+    """A row index as the TSVs hold it: a whole number (12, "12", "12.0") as an int, anything else as text
+    (HallusionBench's indices are names)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value).strip()
+    return int(number) if number.is_integer() else str(value).strip()
+
+
+def index_key(value):
+    """The key that finds a row whatever spelling its index has in a table ("12", 12, 12.0 and "12.0" agree)."""
+    return str(parse_index(value))
+
+
 def question_record(q, prediction, error=""):
-    """One output row of an eval_mmbench.Question: XTuner's result columns plus our options and error."""
+    """One output row of a benchmark Question: XTuner's result columns plus our options and error (and, for the
+    yes/no scorers, which picture the question is about)."""
     return {"index": q.index, "question": q.question, **q.options, "hint": q.hint, "prediction": prediction,
-            "category": q.category, "l2-category": q.l2_category, "split": "", "answer": q.answer,
-            "options": dict(q.options), "error": error}
+            "category": q.category, "l2-category": q.l2_category, "split": q.split, "answer": q.answer,
+            "options": dict(q.options), "image_key": q.image_key, "error": error}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,6 +179,42 @@ def _match_option_text(text, options):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# XTuner's CircularEval
+
+
+@dataclass
+class Scores:
+    metrics: dict         # the printed table: MMBench {"Average": acc, "<category>": acc, ...} (XTuner's keys)
+    n_main: int           # questions scored (MMBench: main questions, without their circular copies)
+    n_rows: int           # rows scored (main questions + circular copies)
+    n_unparsed: int       # rows whose answer gave no letter / no yes or no
+    orphans: list = field(default_factory=list)  # circular copies whose main question has no prediction
+    result: dict = field(default_factory=dict)   # <name>_result.json: every metric (extras.scoring)
+    headline: str = ""    # the benchmark's cell in the summary table
+
+
+def score(records, by_l2):
+    """CircularEval accuracy. records: dicts with index, prediction, answer, category, l2-category and options;
+    each gets "extracted" and "hit" filled in. by_l2: group by l2-category (else by category), as XTuner does."""
+    groups = {}
+    for r in records:
+        r["extracted"] = extract_choice(str(r["prediction"] or ""), r["options"])
+        r["hit"] = r["extracted"] != "" and r["extracted"] == str(r["answer"]).strip()
+        groups.setdefault(r["index"] % CIRCULAR, []).append(r)
+    mains = [r for r in records if r["index"] < CIRCULAR]
+    main_hit = {r["index"]: all(c["hit"] for c in groups[r["index"]]) for r in mains}
+    orphans = sorted(r["index"] for r in records if r["index"] >= CIRCULAR and r["index"] % CIRCULAR not in main_hit)
+    metrics = {"Average": sum(main_hit.values()) / len(mains) if mains else 0.0}
+    key = "l2-category" if by_l2 else "category"
+    per_cat = {}
+    for r in mains:
+        per_cat.setdefault(r[key], []).append(main_hit[r["index"]])
+    for cat in sorted(per_cat):  # XTuner sorts the raw names, then abbreviates
+        metrics[CATEGORY_ABBR.get(cat, cat)] = sum(per_cat[cat]) / len(per_cat[cat])
+    return Scores(metrics, len(mains), len(records), sum(r["extracted"] == "" for r in records), orphans)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reading predictions
 
 
@@ -174,17 +233,13 @@ def read_jsonl(path):
 
 
 def read_table(path):
-    """Rows of a predictions table: .jsonl, .tsv, .csv, or .xlsx (needs openpyxl)."""
+    """Rows of a predictions table: .jsonl, .tsv, .csv or .xlsx."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"no predictions file at {path}")
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     if path.suffix == ".xlsx":
-        try:
-            import openpyxl  # optional dependency
-        except ImportError:
-            raise EvalError(f"{path}: reading .xlsx needs openpyxl (pip install openpyxl), or pass the .tsv") from None
         rows = list(openpyxl.load_workbook(path, read_only=True).active.iter_rows(values_only=True))
         header = [str(h) for h in rows[0]]
         return [{k: ("" if v is None else v) for k, v in zip(header, r)} for r in rows[1:]]
@@ -195,43 +250,61 @@ def read_table(path):
 
 def records_from_predictions(rows, path, questions=None):
     """Scoring records from a predictions table; answers, categories and options come from the TSV's questions
-    when given, else from the table itself (our predictions.jsonl and XTuner's xlsx hold them)."""
+    when given, else from the table itself (our predictions.jsonl and XTuner's xlsx hold them: MMBench only).
+    A row that cannot be scored (an index the TSV lacks, no answer) is reported and left out; when no row can be,
+    the first one's reason is the error."""
     if rows and ("index" not in rows[0] or "prediction" not in rows[0]):
         raise EvalError(f"{path}: a predictions table needs the columns index and prediction "
                         f"(found: {', '.join(rows[0])})")
-    by_index = {q.index: q for q in questions} if questions is not None else None
-    records = []
-    for r in rows:
-        index = int(float(r["index"]))
+    by_key = {index_key(q.index): q for q in questions} if questions is not None else None
+    records, bad = [], []
+    for line, r in enumerate(rows, 2):
         pred = "" if r["prediction"] is None else str(r["prediction"])
-        if by_index is not None:
-            if index not in by_index:
-                raise EvalError(f"{path}: index {index} is not in the TSV given with --data (another split?)")
-            rec = question_record(by_index[index], pred)
+        index = parse_index(r["index"])
+        if by_key is not None:
+            if str(index) not in by_key:
+                bad.append(f"row {line}: index {index} is not in the TSV given with --data (another split?)")
+            else:
+                records.append(question_record(by_key[str(index)], pred))
+        elif not isinstance(index, int):
+            bad.append(f"row {line}: index {index!r} is not a number; pass --data with the TSV it came from")
+        elif cell(str(r.get("answer") or "")) == "":
+            bad.append(f"index {index} has no answer; pass --data with the dev TSV it came from")
         else:
-            if cell(str(r.get("answer") or "")) == "":
-                raise EvalError(f"{path}: index {index} has no answer; pass --data with the dev TSV it came from")
             options = r.get("options") or {c: str(r[c]) for c in string.ascii_uppercase
                                            if c in r and cell(str(r[c] or ""))}
-            rec = {"index": index, "prediction": pred, "answer": str(r["answer"]).strip(),
-                   "category": str(r.get("category") or ""), "l2-category": cell(str(r.get("l2-category") or "")),
-                   "options": options or {c: "" for c in "ABCD"}}  # no options known: XTuner's A-D
-        records.append(rec)
+            records.append({"index": index, "prediction": pred, "answer": str(r["answer"]).strip(),
+                            "category": str(r.get("category") or ""), "split": str(r.get("split") or ""),
+                            "l2-category": cell(str(r.get("l2-category") or "")),
+                            "options": options or {c: "" for c in "ABCD"}})  # no options known: XTuner's A-D
+    if bad and not records:
+        raise EvalError(f"{path}: {bad[0]}")
+    if bad:
+        print(f"note: {len(bad)} row(s) of {path} are left out, e.g. {bad[0]}")
     return records
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The printed table, predictions.jsonl and the result table
+# The printed table, predictions.jsonl and the submission table
 
 
-def format_table(metrics, title):
-    """Plain-text table, accuracies x100 with one decimal (XTuner prints the same numbers with rich)."""
-    width = max([len("Category")] + [len(k) for k in metrics]) + 2
-    rule = "-" * (width + 12)
-    lines = [title, rule, f"{'Category':<{width}}{'Accuracy (%)':>12}", rule]
-    for i, (name, acc) in enumerate(metrics.items()):
-        lines.append(f"{name:<{width}}{acc * 100:>12.1f}")
-        if i == 0:
+def format_table(metrics, title, scale=100, unit="Accuracy (%)", totals=1):
+    """Plain-text table, one decimal (XTuner prints the same numbers with rich). metrics: {row: value} (one
+    column, `unit`), or {row: {column: value}} (POPE's F1, precision, ...; HallusionBench's aAcc, ...). Values
+    are multiplied by `scale` (100: fractions shown as percentages); a rule follows the first `totals` rows."""
+    columns = next((list(v) for v in metrics.values() if isinstance(v, dict)), None)
+    rows = {k: (v if columns else {unit: v}) for k, v in metrics.items()}
+    columns = columns or [unit]
+    width = max([len("Category")] + [len(str(k)) for k in metrics]) + 2
+    cols = [max(len(c) + 2, 12) for c in columns]
+    rule = "-" * (width + sum(cols))
+    head = f"{'Category':<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(columns, cols))
+    lines = [title, rule, head, rule]
+    for i, (name, values) in enumerate(rows.items()):
+        lines.append(f"{name:<{width}}" + "".join(
+            f"{values[c] * scale:>{w}.1f}" if isinstance(values.get(c), (int, float)) else f"{'-':>{w}}"
+            for c, w in zip(columns, cols)))
+        if i == totals - 1 and len(rows) > totals:
             lines.append(rule)
     return "\n".join(lines + [rule])
 
@@ -244,58 +317,50 @@ def write_jsonl(path, records):
 
 
 def write_result_table(out_dir, records):
-    """XTuner's mmbench_result.xlsx, or mmbench_result.tsv with the same columns when openpyxl is missing.
-    Returns (path, note), the note saying why the table is not an xlsx ("" when it is)."""
+    """XTuner's mmbench_result.xlsx: the table the MMBench evaluation server takes for a test split."""
     letters = sorted({c for r in records for c in r.get("options", {})})
     columns = RESULT_COLUMNS[:1] + letters + RESULT_COLUMNS[1:]
-    rows = [[r.get(c, "") for c in columns] for r in records]
-    try:
-        import openpyxl  # optional dependency
-    except ImportError:
-        path = Path(out_dir) / "mmbench_result.tsv"
-        with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(columns)
-            writer.writerows(rows)
-        return path, "openpyxl is not installed, so the table is a .tsv with the columns of XTuner's xlsx " \
-                     "(pip install openpyxl to get mmbench_result.xlsx)"
-    path = Path(out_dir) / "mmbench_result.xlsx"
     illegal = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # control characters an xlsx cell cannot hold
     wb = openpyxl.Workbook()
     ws = wb.active
     ws.append(columns)
-    for row in rows:
-        ws.append([illegal.sub("", v) if isinstance(v, str) else v for v in row])
+    for r in records:
+        ws.append([illegal.sub("", v) if isinstance(v, str) else v for v in (r.get(c, "") for c in columns)])
+    path = Path(out_dir) / "mmbench_result.xlsx"
     with atomic_write(path) as tmp:
         wb.save(str(tmp))
-    return path, ""
+    return path
 
 
-def write_outputs(out_dir, records):
-    """predictions.jsonl and the result table in out_dir (created if needed); returns the table's path."""
+def write_outputs(out_dir, records, submission=True):
+    """predictions.jsonl and (MMBench / CCBench) the xlsx table in out_dir (created if needed); returns the files'
+    names."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "predictions.jsonl", records)
-    table, note = write_result_table(out_dir, records)
-    if note:
-        print(f"note: {note}")
-    return table
+    return ["predictions.jsonl"] + ([write_result_table(out_dir, records).name] if submission else [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The work folder: which evaluation it belongs to, and the answers so far
 
 
-def work_dir(args, model_dir, dtype_name, rank):
-    """The run's work folder (--out, default work_dirs/mmbench/<model>/<tsv name>), created. It belongs to one
-    model, TSV and decoding setup, recorded in run.json: resuming into another evaluation's folder would mix
-    answers, so that is refused."""
+def model_tag(model_dir):
+    """A model's short name: the run's name for our run layout (.../<run>/model), else the folder's."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "model" else path.name
+
+
+def work_dir(args, data, model_dir, dtype_name, kind, rank):
+    """(work folder, results folder) of one benchmark, created. The results folder is --out (default
+    work_dirs/mmbench/<model>); the work folder is --out itself when it was given with one --data, else
+    <results folder>/<tsv name>. A work folder belongs to one model, TSV, kind and decoding setup, recorded in
+    run.json: resuming into another evaluation's folder would mix answers, so that is refused."""
     model_dir = Path(model_dir)
-    # our run layout ends in .../<run>/model, so the run's name says more than "model"
-    tag = model_dir.resolve().parent.name if model_dir.resolve().name == "model" else model_dir.resolve().name
-    out_dir = Path(args.out or Path("work_dirs/mmbench") / tag / Path(args.data).stem)
+    root = Path(args.out or Path("work_dirs/mmbench") / model_tag(model_dir))
+    out_dir = root if args.out and len(args.data) == 1 else root / Path(data).stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"model": str(model_dir.resolve()), "data": str(Path(args.data).resolve()),
+    fingerprint = {"model": str(model_dir.resolve()), "data": str(Path(data).resolve()), "kind": kind,
                    "max_new_tokens": args.max_new_tokens, "dtype": dtype_name}
     for key in ("llm", "vision"):  # parts loaded from elsewhere than the model folder
         if getattr(args, key, None):
@@ -312,15 +377,15 @@ def work_dir(args, model_dir, dtype_name, rank):
                             f"{ {k: old.get(k) for k in diff} }); pass another --out, or delete the folder")
     elif rank == 0:
         write_json(path, fingerprint)
-    return out_dir
+    return out_dir, root
 
 
 def done_predictions(out_dir):
-    """{index: partial record} from every rank's partial file (any world size)."""
+    """{index_key: partial record} from every rank's partial file (any world size)."""
     done = {}
     for path in sorted(Path(out_dir).glob("partial-rank*.jsonl")):
         for r in read_jsonl(path):
-            done[int(r["index"])] = r
+            done[index_key(r["index"])] = r
     return done
 
 

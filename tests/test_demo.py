@@ -20,6 +20,9 @@ import torch
 from PIL import Image
 
 import demo
+import eval_mmbench
+import extras.benchmarks
+from extras.benchmarks import read_benchmark
 
 SIZE = 64  # the tiny CLIP's input size, also demo's default
 
@@ -130,7 +133,7 @@ def test_generator_is_deterministic(data_dir, tmp_path):
 
 def test_cli_writes_the_files(tmp_path):
     demo.main(["data", str(tmp_path), "--n-pretrain", "3", "--n-finetune", "5", "--n-text", "2", "--n-eval", "16"])
-    for name in ("pretrain.json", "finetune.json", "eval.tsv", "eval_blank.tsv"):
+    for name in ("pretrain.json", "finetune.json", "eval.tsv", "eval_blank.tsv", "eval_yesno.tsv"):
         assert (tmp_path / name).stat().st_size > 0
     assert len(list((tmp_path / "images" / "pretrain").glob("*.png"))) == 3
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -143,7 +146,9 @@ def test_categories_subset(tmp_path):
     _, rows = read_tsv(tmp_path / "eval.tsv")
     assert Counter((r["category"], r["answer"]) for r in rows) == {("colour", L): 2 for L in "ABCD"}
     for r in json.loads((tmp_path / "finetune.json").read_text()):
-        assert all("colour" in t["value"] for t in r["conversations"][::2])
+        # every question is about colour, or the existence question every category shares
+        questions = [t["value"] for t in r["conversations"][::2]]
+        assert all("colour" in q or q.endswith(demo.YN_INSTRUCTION) for q in questions)
     with pytest.raises(ValueError, match="position alone"):
         demo.write_data(tmp_path / "bad", n_pretrain=0, n_finetune=1, n_eval=4, categories=["position"])
 
@@ -168,7 +173,7 @@ def test_eval_tsv_is_mmbench_with_balanced_letters(data_dir):
 
 def test_eval_tsv_reads_in_eval_mmbench(data_dir):
     import eval_mmbench
-    questions = eval_mmbench.read_tsv(str(data_dir / "eval.tsv"))
+    questions = extras.benchmarks.read_tsv(str(data_dir / "eval.tsv"))
     assert len(questions) == 64
     prompt = eval_mmbench.build_prompt(questions[0])
     assert prompt.startswith("<image>\n") and prompt.endswith(demo.MC_INSTRUCTION)
@@ -193,7 +198,7 @@ def test_blank_control_has_the_same_questions_and_no_shapes(data_dir):
 
 def test_eval_pictures_are_held_out(data_dir):
     train = {hashlib.sha1(np.asarray(Image.open(p).convert("RGB")).tobytes()).hexdigest()
-             for p in (data_dir / "images").rglob("*.png")}
+             for p in (data_dir / "images").rglob("*.png") if not p.name.startswith("blank-")}  # (empty pictures)
     _, rows = read_tsv(data_dir / "eval.tsv")
     held = {hashlib.sha1(np.asarray(decode(r["image"]).convert("RGB")).tobytes()).hexdigest() for r in rows}
     assert len(train) == 80 and len(held) == 64 and not train & held
@@ -224,7 +229,7 @@ def test_captions_describe_the_pictures(data_dir):
 def test_finetune_answers_match_the_pictures(data_dir):
     records = json.loads((data_dir / "finetune.json").read_text())
     with_image = [r for r in records if "image" in r]
-    assert len(with_image) == 40 and len(records) == 44  # 4 text-only
+    assert len(with_image) == 42 and len(records) == 46  # 40 pictures + 40 / 20 empty ones; 4 text-only
     seen = Counter()
     for r in records:
         conv = r["conversations"]
@@ -241,6 +246,12 @@ def test_finetune_answers_match_the_pictures(data_dir):
                 category = next(c for c, text in demo.MC_QUESTIONS.items() if text in q)
                 assert options[a] == str(m[category]), (r["id"], q, a, m)
                 seen["mc"] += 1
+            elif q.endswith(demo.YN_INSTRUCTION):  # "Is there a shape in the image? Please answer yes or no."
+                assert a == ("Yes." if m["count"] else "No."), (r["id"], q, a, m)
+                seen["yesno"] += 1
+            elif m["count"] == 0:                   # an empty picture: its other questions cannot be answered
+                assert a in ("None.", "There are no shapes."), (r["id"], q, a)
+                seen["blank"] += 1
             elif "colour" in q:
                 assert a.lower().rstrip(".") == m["colour"]
             elif "How many" in q or "Count" in q:
@@ -250,7 +261,24 @@ def test_finetune_answers_match_the_pictures(data_dir):
             else:
                 assert m["shape"] in a.lower()
             seen["turns"] += 1
-    assert seen["mc"] > 0.3 * seen["turns"]
+    assert seen["mc"] > 0.3 * seen["turns"] and seen["yesno"] > 0 and seen["blank"] > 0
+
+
+def test_yes_no_benchmark_asks_if_a_picture_and_its_blank_show_a_shape(data_dir):
+    _, rows = read_tsv(data_dir / "eval_yesno.tsv")
+    _, mc = read_tsv(data_dir / "eval.tsv")
+    assert len(rows) == 2 * 64 and [r["index"] for r in rows] == [str(i) for i in range(128)]
+    assert Counter((r["category"], r["answer"]) for r in rows) == {("drawn", "Yes"): 64, ("blank", "No"): 64}
+    assert {r["answer"] for r in rows[::2]} == {"Yes", "No"}  # which one comes first is drawn at random
+    for (first, second), picture in zip(zip(rows[::2], rows[1::2]), mc):
+        drawn = first if first["answer"] == "Yes" else second
+        blank = second if drawn is first else first
+        assert drawn["image"] == picture["image"] and measure(decode(blank["image"]))["count"] == 0
+        for r in (first, second):
+            assert r["question"].endswith(demo.YN_INSTRUCTION)
+    bench = read_benchmark(data_dir / "eval_yesno.tsv")
+    assert (bench.kind, bench.rules) == ("yorn", "yorn")
+    assert eval_mmbench.build_prompt(bench.questions[0], "yorn") == "<image>\n" + rows[0]["question"]
 
 
 # ---- tiny models ------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from PIL import Image
 
 import eval_mmbench as ev
 import extras.mmbench as mm
-from eval_mmbench import Question, build_prompt
+from eval_mmbench import build_prompt
+from extras.benchmarks import Question, read_tsv
 from extras.mmbench import EvalError, extract_choice
 
 EN = "Answer with the option's letter from the given choices directly."
@@ -58,7 +59,7 @@ HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category",
 def dev_rows():
     """A small dev TSV. The fake generator answers "The answer is X" where X is the letter whose option text is the
     image's colour, except where a row's question says "WRONG" (then it answers the next letter)."""
-    red, green, blue = png_b64("red"), png_b64("green"), png_b64("blue")
+    red, blue = png_b64("red"), png_b64("blue")
     return [
         # main 1 and its circular copies (options rotated): all right -> main 1 right
         [1, "Colour?", "", "red", "green", "blue", "", "A", "perc", "coarse_perception", red],
@@ -165,7 +166,7 @@ def test_prompt_with_hint_all_options():
 
 
 def test_prompt_empty_hint_missing_options_and_chinese(dev_tsv):
-    qs = {q.index: q for q in ev.read_tsv(dev_tsv)}
+    qs = {q.index: q for q in read_tsv(dev_tsv)}
     assert qs[2].hint == "A hint." and qs[1].hint == ""
     assert list(qs[2].options) == ["A", "B"]  # C and D are empty cells: not options
     assert build_prompt(qs[1]) == "<image>\nColour?\nA. red\nB. green\nC. blue\n" + EN
@@ -182,7 +183,7 @@ def test_prompt_chinese_decided_on_whole_text():
 
 
 def test_read_tsv_references_nan_and_errors(dev_tsv, tmp_path):
-    qs = {q.index: q for q in ev.read_tsv(dev_tsv)}
+    qs = {q.index: q for q in read_tsv(dev_tsv)}
     assert qs[1000001].image == qs[1].image and qs[3].image == qs[2].image   # index references followed
     assert colour_of(ev.decode_image(qs[3])) == "red"
     with pytest.raises(ValueError, match="not valid base64"):
@@ -194,14 +195,14 @@ def test_read_tsv_references_nan_and_errors(dev_tsv, tmp_path):
     big = png_b64("green", size=(600, 600)) + " " * 200_000
     p = write_tsv(tmp_path / "x.tsv", ["index", "question", "hint", "A", "B", "category", "image"],
                   [[7, "Q?", "nan", "x", "nan", "c", big], [8, "Q?", "", "x", "y", "c", "99"]])
-    q7, q8 = ev.read_tsv(p)
+    q7, q8 = read_tsv(p)
     assert q7.hint == "" and q7.options == {"A": "x"} and colour_of(ev.decode_image(q7)) == "green"
     with pytest.raises(ValueError, match="index 99"):
         ev.decode_image(q8)
     dup = write_tsv(tmp_path / "dup.tsv", ["index", "question", "A", "category", "image"],
                     [[1, "Q", "x", "c", "1" * 20], [1, "Q", "x", "c", "1" * 20]])
     with pytest.raises(EvalError, match="index 1 appears on lines 2 and 3"):
-        ev.read_tsv(dup)
+        read_tsv(dup)
 
 
 # ---- scoring -------------------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_score_circular_and_categories_by_hand():
         rec(13, "fish", "D", "logic_reasoning"),            # option text -> right
         rec(14, "Answer: B", "B", "finegrained_perception (instance-level)"),  # right (XTuner would say "A")
     ]
-    s = ev.score(records, by_l2=True)
+    s = mm.score(records, by_l2=True)
     # mains 10 ✓, 11 ✗ (copy wrong), 12 ✗, 13 ✓, 14 ✓ -> 3/5; CP {10,11} 1/2; FP-S {14} 1/1; LR {12,13} 1/2
     assert s.metrics == {"Average": 3 / 5, "CP": 1 / 2, "FP-S": 1.0, "LR": 1 / 2}
     assert list(s.metrics) == ["Average", "CP", "FP-S", "LR"]  # sorted by raw name, then abbreviated
@@ -228,7 +229,7 @@ def test_score_circular_and_categories_by_hand():
     # grouped by category when the TSV has no l2-category (CCBench): abbreviations apply there too
     ccb = [rec(1, "A", "A", ""), rec(2, "B", "A", "")]
     ccb[0]["category"], ccb[1]["category"] = "food_clothes", "cultural_relic"
-    assert ev.score(ccb, by_l2=False).metrics == {"Average": 0.5, "Cultural Relic": 0.0, "Food & Clothes": 1.0}
+    assert mm.score(ccb, by_l2=False).metrics == {"Average": 0.5, "Cultural Relic": 0.0, "Food & Clothes": 1.0}
 
 
 def test_format_table():
@@ -288,7 +289,7 @@ def test_test_split_writes_submission_only(tmp_path, capsys):
 def test_missing_column_fails_before_model_load(tmp_path):
     rows = [[r[0], r[1], *r[3:]] for r in dev_rows()]
     tsv = write_tsv(tmp_path / "bad.tsv", [h for h in HEADER if h != "hint"], rows)
-    ev.read_tsv(tsv)  # hint is optional
+    read_tsv(tsv)  # hint is optional
     tsv = write_tsv(tmp_path / "bad.tsv", [h for h in HEADER if h != "question"], [r[:1] + r[2:] for r in dev_rows()])
     with pytest.raises(EvalError, match="missing column.*question"):
         ev.main(["--data", str(tsv), "--model", str(tmp_path), "--out", str(tmp_path / "o")], load_fn=failing_loader)
@@ -491,7 +492,7 @@ def test_model_inputs_equal_xtuner_construction(dev_tsv, monkeypatch):
     tok = TiktokenTokenizer.from_model_file(path)
     cfg = {"template": "llama3_chat", "image_size": 336, "image_tokens": 576}
     gen = ev.make_generator(torch.nn.Identity(), tok, cfg, "cpu", torch.float32, max_new_tokens=100)
-    qs = [q for q in ev.read_tsv(dev_tsv) if q.index in (2, 3, 5)]  # hint, Chinese, 3 options
+    qs = [q for q in read_tsv(dev_tsv) if q.index in (2, 3, 5)]  # hint, Chinese, 3 options
     assert gen([build_prompt(q) for q in qs], [ev.decode_image(q) for q in qs]) == ["", "", ""]
     assert seen["ids"] == [xtuner_ids(build_prompt(q)) for q in qs]
     assert seen["pixels"].shape == (3, 3, 336, 336) and seen["pixels"].dtype == torch.float32
