@@ -10,24 +10,17 @@
     python convert.py work_dirs/x/iter_2181.pth --llm META_LLAMA --vision CLIP --to hf --out llava-hf
     python convert.py runs/x/checkpoints/step_500 --to llm --out merged  # a train.py checkpoint (exported first)
 
-Sources: whatever extras/loader.py reads (our run folder, every layout above, XTuner's iter_N.pth and projector
-folder, PEFT adapters on a base, plain Llama / InternLM2 folders), and train.py checkpoints (`checkpoints/step_N`,
-exported to a run folder first). Everything is written as safetensors (bf16 by default, `--fp32` on request),
-sharded with an index past `--max-shard-size`, with a `llava.json` beside it naming what the layout itself cannot
-hold (template, base folders, select layer, an NF4 base), so that chat.py, eval_mmbench.py and convert.py read
-the export back with no further flag. `--verify` reloads the export and compares its logits with the source
-model's on a probe image and prompt (`--to llm`: on the prompt alone). A QLoRA model stays on its NF4 base in the
-layouts that keep adapters (xtuner, adapters); the merged layouts (hf, official, llm) hold the dequantized base
-plus the adapter, which is what the NF4 model computes; --verify compares each with the model it must equal.
+Sources: whatever extras/loader.py reads, and train.py checkpoints (`checkpoints/step_N`, exported to a run folder
+first). Output is safetensors (bf16, or `--fp32`), sharded past `--max-shard-size`, with a `llava.json` naming what
+the layout cannot hold (template, base folders, select layer, an NF4 base), so that chat.py, eval_mmbench.py and
+convert.py read the export back with no further flag. A QLoRA model stays on its NF4 base in the layouts that keep
+adapters (xtuner, adapters); the merged ones (hf, official, llm) hold the dequantized base plus the adapter, which is
+what the NF4 model computes. `--verify` reloads the export and compares its logits with the model it must equal.
 
-Every layout is a key table: HF's is extras/loader.py's `hf_llava_keys`, Llama's in llama.py, CLIP's in clip.py,
-XTuner's and the official one in extras/xtuner.py.
-
-Two spellings of the CLIP keys exist: `vision_model.encoder...` (the hub checkpoints, transformers 4.x, XTuner) and
-`encoder...` (what transformers >= 5 builds and saves). Every weights file here uses the first, which every
-transformers version loads; the PEFT adapter of `--to adapters` uses the second, because PEFT matches adapter keys
-against the module tree of the transformers installed (`PeftModel.from_pretrained` on a 5.x `CLIPVisionModel`).
-XTuner's `visual_encoder_adapter/` keeps XTuner's spelling. Both spellings are read.
+Every layout is a key table: HF's in extras/loader.py, Llama's in llama.py, CLIP's in clip.py, XTuner's and the
+official one in extras/xtuner.py. CLIP keys have two spellings: `vision_model.encoder...` (hub checkpoints,
+transformers 4.x, XTuner), which every weights file here uses, and `encoder...` (transformers >= 5), which the PEFT
+adapter of `--to adapters` uses because PEFT matches keys against the installed module tree. Both are read.
 """
 
 import argparse

@@ -19,7 +19,7 @@ import data
 from extras import datasets
 import llama
 from data import IGNORE_INDEX as IGN
-from data import Turn
+
 from extras.tokenizer_files import SentencePieceTokenizer, load_tokenizer
 from extras import internlm2, loader, packing
 
@@ -526,7 +526,6 @@ def test_sft_qlora_recipe_trains_packed_merges_and_chats(tmp_path, sp_model, one
 
     import chat
     import convert
-    import model as llava
     import train
     from test_train import run_inprocess
 

@@ -23,9 +23,8 @@ import data
 from extras import datasets
 import llama
 import train
-from extras import checkpoint, loader
+from extras import loader
 from extras.samplers import ShuffleSampler
-from tokenizer import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = 32  # tiny CLIP input: 32 px, patch 8 -> 16 image positions per image

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Round 4 on one GPU, in two calls of at most 10 minutes (carry .whl, built by the GPU wheels script, which also
+# holds Meta's Llama-3 tokenizer.model as .whl/llama3_tokenizer.model for the chat folder):
+#   OUT=... bash bench/round4.sh train    # train.py jobs (bench/train_runs.sh) + HF's QLoRA step, as XTuner sets it up
+#   OUT=... bash bench/round4.sh chat     # chat.py itself vs transformers on one random-weight 8B folder
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; } > "$OUT/machine.txt"
+case ${1:-train} in
+  train)
+    RUN_TIMEOUT=${RUN_TIMEOUT:-130} bash bench/train_runs.sh "${JOBS:-qlora quant-pt pt qlora-fp16}" 2>&1 | tee "$OUT/train_runs.txt"
+    for v in "" "--no-kbit-prep"; do
+      timeout 150 python3 bench/train_bench.py --side hf --workload qlora --steps 5 $v --out "$OUT/train_bench.jsonl" \
+        > "$OUT/hf-qlora$v.log" 2>&1; echo "hf qlora $v: rc=$?"; tail -3 "$OUT/hf-qlora$v.log"
+    done ;;
+  chat)
+    M=/tmp/llava8b
+    python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -2 "$OUT/chat-write.log"
+    timeout 200 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 --extra "${OURS_EXTRA:-}" --out "$OUT/chat.jsonl" \
+      > "$OUT/chat-ours.log" 2>&1; echo "ours: rc=$?"; tail -3 "$OUT/chat-ours.log"
+    timeout 120 python3 bench/chat_cli.py hf $M --mode eager --repeat 3 --warmup 1 --out "$OUT/chat.jsonl" \
+      > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -2 "$OUT/chat-hf-eager.log"
+    timeout 180 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
+      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -2 "$OUT/chat-hf-static.log" ;;
+esac
