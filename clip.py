@@ -4,8 +4,7 @@ LLaVA-1.5 / XTuner's LLaVA-Llama-3 use OpenAI's CLIP ViT-L/14 at 336 px (`openai
 
     image (3, 336, 336) -> 14x14 patches -> 576 patch vectors + 1 CLS vector -> 24 pre-norm transformer blocks
 
-and take the output of the *penultimate* block with CLS dropped: 576 features of width 1024 per image.
-`forward(pixel_values, select_layer=-2)` returns exactly that and never runs the blocks after the chosen one.
+and take the output of the *penultimate* block with CLS dropped (`forward`, select_layer=-2): 576 x 1024 per image.
 
 The maths is HF's `CLIPVisionModel` (transformers/models/clip/modeling_clip.py): a bias-free Conv2d patch embedding, a
 learned class embedding and position embedding, `pre_layrnorm` (HF's spelling, kept so the keys match), pre-norm
@@ -78,10 +77,9 @@ class CLIPConfig:
     def to_hf_config(self):
         """A `CLIPVisionConfig` dict that transformers loads (save_clip adds `architectures` and the dtype)."""
         return {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "image_size": self.image_size,
-                "patch_size": self.patch_size, "hidden_size": self.hidden_size,
-                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-                "intermediate_size": self.intermediate_size, "layer_norm_eps": self.layer_norm_eps,
-                "num_channels": self.num_channels, "attention_dropout": 0.0}
+                "patch_size": self.patch_size, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "intermediate_size": self.intermediate_size,
+                "layer_norm_eps": self.layer_norm_eps, "num_channels": self.num_channels, "attention_dropout": 0.0}
 
 
 def _one_side(v, name):
@@ -190,10 +188,9 @@ class CLIPVisionTower(nn.Module):
         return x
 
     def forward(self, pixel_values, select_layer=-2):
-        """Patch features (N, P, C) of one layer, CLS dropped.
-
-        `select_layer` indexes HF's `hidden_states` tuple: 0 = the embeddings after pre_layrnorm, i = the output of
-        block i, -1 = the last block, -2 (LLaVA's choice) = the penultimate one. Later blocks are not run."""
+        """Patch features (N, P, C) of one layer, CLS dropped. `select_layer` indexes HF's `hidden_states` tuple:
+        0 = the embeddings after pre_layrnorm, i = the output of block i, -1 = the last block, -2 (LLaVA's choice) =
+        the penultimate one. Later blocks are not run."""
         n = self.cfg.num_layers + 1 + select_layer if select_layer < 0 else select_layer
         if not 0 <= n <= self.cfg.num_layers:
             raise ValueError(f"select_layer {select_layer} is out of range for a {self.cfg.num_layers}-layer CLIP")
@@ -214,9 +211,7 @@ _LAYER_PARAMS = [f"{mod}.{p}" for mod in ("self_attn.q_proj", "self_attn.k_proj"
                                            "self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
                  for p in ("weight", "bias")]
 
-
-# HF `CLIPVisionModel` keys -> our parameter names, as transformers >= 5 writes them: it keeps no `vision_model`
-# level inside CLIPVisionModel, so its save_pretrained writes these bare keys
+# HF `CLIPVisionModel` keys -> ours, as transformers >= 5 saves them: bare, with no `vision_model.` level inside
 HF_KEYS_UNPREFIXED = {
     **{k: k for k in ("embeddings.patch_embedding.weight", "embeddings.class_embedding",
                       "embeddings.position_embedding.weight", "pre_layrnorm.weight", "pre_layrnorm.bias",
@@ -225,8 +220,7 @@ HF_KEYS_UNPREFIXED = {
     **{f"encoder.layers.{{}}.{p}": f"layers.{{}}.{p}" for p in _LAYER_PARAMS},
 }
 
-# A full `CLIPModel` checkpoint (the openai repos are one) also holds the text tower, the two projections into the
-# shared embedding space, and the contrastive temperature. LLaVA uses none of them.
+# The rest of a full `CLIPModel` checkpoint (the openai repos): text tower, both projections, temperature; all unused
 _TEXT_KEYS = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
               "text_model.embeddings.position_ids", "text_model.final_layer_norm.weight",
               "text_model.final_layer_norm.bias", "text_projection.weight", "visual_projection.weight", "logit_scale",
@@ -244,7 +238,6 @@ def table_for(keys):
 
 def load_clip(path, dtype=torch.float32, device="cpu"):
     """Build the tower on the meta device (no memory, no init) and load an HF CLIP checkpoint into it.
-
     `path`: an HF folder (config.json + model.safetensors or shards + index) of a CLIPVisionModel or a full
     CLIPModel, or one .safetensors file with config.json beside it."""
     path = Path(path)
@@ -296,7 +289,6 @@ class ImageError(ValueError):
 
 def load_image(src):
     """Open a path or binary file as an 8-bit RGB PIL image, as XTuner does: `Image.open(src).convert("RGB")`.
-
     So alpha is dropped, not composited, other modes get PIL's own conversion, and no EXIF rotation is applied.
     One deliberate difference: 16-bit greyscale ('I;16*', and 'I', as PIL holds 16-bit PNG / TIFF) is scaled to
     8 bits (v / 257, rounded, clipped to 0..65535 first) where PIL's convert would clip every value above 255 to
@@ -338,7 +330,6 @@ def expand2square(img, color=MEAN_RGB):
 
 def preprocess(img, size=336, pad_to_square=True):
     """PIL image -> normalised float32 tensor (3, size, size), equal to XTuner's pipeline.
-
     pad_to_square=True (finetune, chat, eval): expand2square with MEAN_RGB, then resize to size x size.
     pad_to_square=False (pretrain): resize the short side to `size`, center-crop the long side.
     A 1x1 image works as any other; an empty one raises ImageError. Past MAX_PAD_SIDE an image is first shrunk

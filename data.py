@@ -6,9 +6,8 @@
       -> fit_length           the length policy (image positions count)       -> kept / truncated / dropped
       -> collate              a (B, T) batch for model.LLaVA, images checked against their positions
 
-extras/datasets.py reads records files (json / jsonl, each record with its line number) and holds the datasets
-built from these steps (a records file or a mix, images loaded per item by clip.preprocess); extras/samplers.py the
-epoch orders, extras/packing.py the packing of text samples into rows.
+extras/datasets.py reads records files (json / jsonl) and holds the datasets built from these steps (images loaded per
+item by clip.preprocess); extras/samplers.py the epoch orders, extras/packing.py the packing of text samples.
 
 Token-for-token equal to XTuner v0.2.0 (`xtuner/dataset/map_fns/dataset_map_fns/{llava,openai}_map_fn.py`,
 `.../template_map_fn.py`, `encode_fn` in `xtuner/dataset/utils.py`, `xtuner/utils/templates.py`,
@@ -25,7 +24,6 @@ Token-for-token equal to XTuner v0.2.0 (`xtuner/dataset/map_fns/dataset_map_fns/
 * Bad data never crashes an epoch: a bad record is dropped at build time, counted and listed by `problems()`; an
   image that fails to load is reported with a warning and a sample drawn at random is trained instead (batch sizes
   never change). `python tools/check_data.py check DATA...` finds them all up front.
-
 """
 import json
 import re
@@ -136,8 +134,7 @@ class RecordError(ValueError):
 
 
 def _image_first(text):
-    # XTuner: every `<image>` is removed and one "<image>\n" goes in front of the stripped text; we keep one
-    # placeholder per image so several images pair up with the record's `image` list, in order.
+    # XTuner puts one "<image>\n" before the stripped text; we put one per image, to pair with the record's `image`
     k = text.count(IMAGE_PLACEHOLDER)
     if k == 0:
         return text
@@ -302,23 +299,18 @@ def _encode(tok, template, turns, image_tokens):
 
 
 def encode_conversation(tok, template, turns, image_tokens=576):
-    """Turns (Turn or {"input", "output", ...} dicts) -> (input_ids, labels), lists of equal length.
-
-    Each `<image>` in a turn's input becomes `image_tokens` IMAGE_TOKEN_INDEX positions; prompts are labelled
-    IGNORE_INDEX, answers (with the template's suffix / EOS) by their own ids unless the turn has loss=False.
-    """
-    ids, labels, _ = _encode(tok, template, turns, image_tokens)
-    return ids, labels
+    """Turns (Turn or {"input", "output", ...} dicts) -> (input_ids, labels), lists of equal length. Each `<image>`
+    in a turn's input becomes `image_tokens` IMAGE_TOKEN_INDEX positions; prompts are labelled IGNORE_INDEX, answers
+    (with the template's suffix / EOS) by their own ids unless the turn has loss=False."""
+    return _encode(tok, template, turns, image_tokens)[:2]
 
 
 def encode_prompt(tok, template, text, system=None, first_turn=True, image_tokens=576, images=-1):
     """Ids of one user turn for generation, ending with the assistant header (chat.py, eval_mmbench.py).
-
     `text` is used as given (put "<image>\\n" in front yourself, as XTuner's chat and MMBench do). Only its first
-    `images` placeholders become image positions (-1: all): with images=1 for the one attached picture, a
-    `<image>` the user typed stays text. BOS comes on the first turn, and on every turn for templates whose training
-    samples have one per turn (vicuna).
-    """
+    `images` placeholders become image positions (-1: all): with images=1 for the one attached picture, a `<image>`
+    the user typed stays text. BOS comes on the first turn, and on every turn for templates whose training samples
+    have one per turn (vicuna)."""
     template = get_template(template)
     parts = _fill(template.system, system=system) if system else []
     ids = _encode_unit(tok, parts + _fill(template.instruction, images=images, input=text), image_tokens)
@@ -347,12 +339,10 @@ def stop_token_ids(tok, template):
 
 def fit_length(ids, labels, ends, max_length, image_tokens):
     """Where to cut a sample given in compact form (one IMAGE_TOKEN_INDEX per image) -> (cut or None, status).
-
     status: "kept", "truncated_at_turn" (longest prefix of whole turns that fits), "truncated_in_answer" (no whole
-    turn fits: cut at max_length, which lands after the first supervised token), "too_long" (dropped: any cut
-    leaves no supervised token) or "no_supervised" (dropped: nothing to learn from). Images are single compact
-    positions here, so a cut can never fall inside one.
-    """
+    turn fits: cut at max_length, which lands after the first supervised token), "too_long" (dropped: any cut leaves
+    no supervised token) or "no_supervised" (dropped: nothing to learn from). Images are single compact positions
+    here, so a cut can never fall inside one."""
     ids, supervised = np.asarray(ids), np.asarray(labels) != IGNORE_INDEX
     if not supervised.any():
         return None, "no_supervised"

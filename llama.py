@@ -8,7 +8,6 @@
   Llama-3.1's "llama3" frequency scaling is supported. SwiGLU MLP (Shazeer 2020, arXiv:2002.05202).
 - Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245) through F.scaled_dot_product_attention, with a
   preallocated static-shape KV cache (the gpt-fast design) so that a decode step can be torch.compile'd.
-  For decode, extras/fast_inference.py can stack q/k/v and gate/up into one matrix each (gpt-fast's `wqkv`).
 
 Module names follow HF's `LlamaForCausalLM` (minus its `model.` prefix) so that LoRA targets and PEFT adapter keys
 match. InternLM2 is this decoder under other checkpoint names (q, k, v packed into one `wqkv`): extras/internlm2.py
@@ -204,8 +203,7 @@ class Attention(nn.Module):
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole cache, masked below
         # GQA: each group of H / Hkv query heads shares one K/V head, broadcast inside the kernel (BENCHMARKS.md)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=Hkv != H)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 

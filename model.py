@@ -44,8 +44,6 @@ class LLaVA(nn.Module):
         self.select_layer = select_layer  # -2: the penultimate CLIP layer, as LLaVA-1.5 and XTuner use
         self.loss_chunk = 512             # supervised positions per lm_head chunk (chunked_cross_entropy)
 
-    # ---- images ------------------------------------------------------------------------------------------------
-
     def encode_images(self, pixel_values):
         """(N, 3, S, S) -> (N, P, C_llm). A frozen tower builds no graph by itself: none of its inputs or
         weights require a gradient, so autograd records nothing until the projector."""
@@ -54,11 +52,9 @@ class LLaVA(nn.Module):
         return self.projector(feats.to(self.projector.linear_1.weight.dtype))            # (N, P, C_llm)
 
     def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with the image features written over the image positions, in order.
-
-        input_ids (B, T) holds IMAGE_TOKEN_INDEX at every image position (P per image, images in reading order);
-        the batch builder (data.collate) has already checked that the counts agree with pixel_values.
-        """
+        """Token embeddings with the image features written over the image positions, in order. input_ids (B, T)
+        holds IMAGE_TOKEN_INDEX at every image position (P per image, images in reading order); data.collate has
+        already checked that the counts agree with pixel_values."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.llm.embed_tokens(input_ids.clamp(min=0))  # (B, T, C); image positions embed id 0 for now
         if pixel_values is not None and pixel_values.shape[0] > 0:
@@ -66,16 +62,11 @@ class LLaVA(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))  # one vectorised splice
         return embeds
 
-    # ---- training ----------------------------------------------------------------------------------------------
-
     def forward(self, input_ids, labels, pixel_values=None, position_ids=None, segment_ids=None):
-        """Summed next-token cross-entropy over the supervised positions, and their count.
-
-        Returning the sum (not the mean) lets train.py divide by the token count of the whole optimizer step, so
-        every supervised token weighs the same whatever the micro-batch and accumulation split (XTuner instead
-        averages per-micro-batch means, which weighs a token by its batch's size).
-        Packed rows (extras/packing.py) also give position_ids and segment_ids (B, T): each sample then restarts
-        its RoPE positions at 0 and attends only to itself (Llama.forward)."""
+        """Summed next-token cross-entropy over the supervised positions, and their count. Returning the sum (not the
+        mean) lets train.py divide by the token count of the whole optimizer step (see train.py's docstring). Packed
+        rows (extras/packing.py) also give position_ids and segment_ids (B, T): each sample then restarts its RoPE
+        positions at 0 and attends only to itself (Llama.forward)."""
         hidden = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), positions=position_ids,
                           segment_ids=segment_ids)  # (B, T, C)
         return chunked_cross_entropy(hidden, labels, self.llm.lm_head, self.loss_chunk)
@@ -87,11 +78,10 @@ class LLaVA(nn.Module):
 
 
 def chunked_cross_entropy(hidden, labels, lm_head, chunk=512):
-    """Sum of CE over supervised positions, computed on `chunk` positions at a time.
-
-    Only positions whose *next* label is supervised reach the lm_head (a pretrain sample supervises ~40 of 640
-    positions). A chunk's logits are recomputed in backward, never stored; its backward holds ~13 bytes per logit
-    (16-bit logits, fp32 log-softmax, two gradients): 0.85 GB at 512 x 128,256, and 512 rows keep the GEMM efficient."""
+    """Sum of CE over supervised positions, computed on `chunk` positions at a time. Only positions whose *next*
+    label is supervised reach the lm_head (a pretrain sample supervises ~40 of 640 positions). A chunk's logits are
+    recomputed in backward, never stored; its backward holds ~13 bytes per logit (16-bit logits, fp32 log-softmax,
+    two gradients): 0.85 GB at 512 x 128,256, and 512 rows keep the GEMM efficient."""
     targets = labels[:, 1:]                        # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]                       # (N, C) supervised positions only
@@ -130,8 +120,7 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 def decode_step(llm, token, position, cache_pos, key_valid):
@@ -151,18 +140,16 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
              stop_ids=(), on_token=None, cache_offset=0, max_cache_len=None, step_fn=None, generator=None,
              sync_every=1):
     """Generate continuations of a batch of prompts with the KV cache.
-
-    prompts: list of id lists (image positions as IMAGE_TOKEN_INDEX runs); rows are left-padded to a common
-    length, so every row's last prompt token sits in the same cache slot and one decode step serves them all.
+    prompts: list of id lists (image positions as IMAGE_TOKEN_INDEX runs); rows are left-padded to a common length,
+    so every row's last prompt token sits in the same cache slot and one decode step serves them all.
     cache_offset > 0 continues a conversation (batch of one) whose first `cache_offset` tokens are already in the
     cache. Returns the new tokens of each row; a row stops at its first stop id (kept in its list) or after
     max_new_tokens. The last token of each row is not fed back, so a follow-up turn starts with it.
-    on_token(row, token_id) is called as tokens are produced (for streaming).
-    sync_every: decode steps between trips of the new tokens to the host. At 1 each token is streamed as soon as it
-    exists, but the GPU idles while Python looks at it; at k the host queues k steps back to back and hears of
-    their tokens (and of stop tokens) together. The tokens returned are the same; up to k - 1 steps may be computed
-    after every row stopped (their tokens are dropped, and their cache slots lie past what the next turn keeps).
-    """
+    on_token(row, token_id) is called as tokens are produced (for streaming). sync_every: decode steps between trips
+    of the new tokens to the host. At 1 each token is streamed as soon as it exists, but the GPU idles while Python
+    looks at it; at k the host queues k steps back to back and hears of their tokens (and of stop tokens) together.
+    The tokens returned are the same; up to k - 1 steps may be computed after every row stopped (their tokens are
+    dropped, and their cache slots lie past what the next turn keeps)."""
     llm = model.llm
     device = llm.embed_tokens.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -192,8 +179,7 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     # rope positions count real tokens only, so a left-padded row is positioned exactly as if it were alone
     positions = cache_offset + (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
-    embeds = model.embed(ids, pixel_values)  # (B, T, C)
-    h = llm(inputs_embeds=embeds, positions=positions,
+    h = llm(inputs_embeds=model.embed(ids, pixel_values), positions=positions,
             cache_pos=torch.arange(cache_offset, cache_offset + T, device=device), key_valid=key_valid)
     logits = llm.lm_head(h[:, -1]).float()   # (B, V)
 

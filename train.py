@@ -25,9 +25,8 @@ so the step's loss is the mean over *every* supervised token of the step, whatev
 GPU split (XTuner averages per-micro-batch means, which weighs a token by the size of its micro-batch). The learning
 rate warms up linearly over the first 3% of the optimizer steps from lr x 1e-5, then follows a cosine to 0 (XTuner
 counts micro-batches). bf16 and fp16 runs keep fp32 master weights in DeepSpeed's ZeRO optimizer; fp16 (for GPUs
-without bf16) also scales the loss dynamically: a step whose gradients overflow is skipped, the scale is lowered, and
-the lr schedule waits (DeepSpeed's rule). ZeRO-3 gathers the weights it evaluates with or saves, so its model/ is the
-same as ZeRO-2's.
+without bf16) also scales the loss dynamically (an overflowing step is skipped; the lr schedule waits). ZeRO-3
+gathers the weights it evaluates with or saves, so its model/ is the same as ZeRO-2's.
 
 The run folder (`--out`): args.json, metrics.jsonl (extras/monitor.py; `python tools/plot.py RUN` draws it),
 bad_records.jsonl, eval/step_N.txt, checkpoints/ and model/ (extras/checkpoint.py). References: XTuner's
@@ -54,8 +53,7 @@ from model import LLM_LORA_TARGETS
 from tokenizer import IGNORE_INDEX
 from weights import read_json
 
-# XTuner's `--deepspeed` names (xtuner/configs/deepspeed/*.json): (ZeRO stage, optimizer states in CPU memory);
-# deepspeed_zero0 (plain data parallelism) is ours
+# XTuner's `--deepspeed` names (xtuner/configs/deepspeed/*.json; zero0 is ours) -> (ZeRO stage, optimizer in CPU)
 DEEPSPEED_PRESETS = {"deepspeed_zero0": (0, False), "deepspeed_zero1": (1, False), "deepspeed_zero2": (2, False),
                      "deepspeed_zero2_offload": (2, True), "deepspeed_zero3": (3, False),
                      "deepspeed_zero3_offload": (3, True)}
@@ -184,10 +182,9 @@ def resolve_args(args, world_size):
     if args.global_batch is not None:
         per_pass = args.micro_batch * world_size
         if args.global_batch % per_pass:
-            raise SystemExit(
-                f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} x "
-                f"{world_size} processes = {per_pass}; choose a global batch that is a multiple of {per_pass}, or "
-                f"change --micro-batch (or give --accumulation instead)")
+            raise SystemExit(f"--global-batch {args.global_batch} is not divisible by --micro-batch "
+                             f"{args.micro_batch} x {world_size} processes = {per_pass}; choose a global batch that is "
+                             f"a multiple of {per_pass}, or change --micro-batch (or give --accumulation instead)")
         args.accumulation = args.global_batch // per_pass
     args.accumulation = args.accumulation or 1
     args.global_batch = args.micro_batch * args.accumulation * world_size
@@ -216,7 +213,6 @@ def build_llava(args, cfg, device, base=loader.build_model):
     add_trainable_parts(m, cfg)
     if args.init_from:
         load_projector(m.projector, args.init_from)  # a previous stage's, in any layout extras.loader reads
-    # all blocks, or the first K (--checkpoint-layers K): the others keep their activations and skip the recompute
     ac = args.activation_checkpointing
     m.llm.activation_checkpointing = args.checkpoint_layers if ac and args.checkpoint_layers is not None else ac
     if m.vision is not None:  # frozen: no graph at all
@@ -268,9 +264,8 @@ def deepspeed_config(args, trainable=None):
         "gradient_clipping": args.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": args.dtype == "bf16"},  # bf16 weights; ZeRO keeps fp32 master copies
-        # fp16: dynamic loss scaling (loss_scale 0) from 2^16. An overflowing step is skipped; hysteresis 2: the
-        # first overflow since the scale last grew only spends it, later ones halve the scale; 1000 clean steps in a
-        # row double it. DeepSpeed's defaults, spelled out
+        # fp16: dynamic loss scaling from 2^16 (DeepSpeed's defaults, spelled out). An overflowing step is skipped;
+        # every overflow but the first since the scale last grew (hysteresis 2) halves it; 1000 clean steps double it
         "fp16": {"enabled": args.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,      # we pass torch's AdamW object
@@ -300,13 +295,11 @@ def make_optimizer(params, args, device, zero):
 
 def train_step(engine, micro_batches, device):
     """Forward/backward every micro-batch of the step, then one optimizer update; returns (mean loss, grad norm).
-
     The loss of the step is sum(token losses) / N over all its supervised tokens on all ranks, so each micro-batch's
-    summed loss is scaled by world / N before backward: DeepSpeed divides the all-reduced gradient by the world
-    size, and we tell it not to divide by the accumulation count (scale_wrt_gas=False), since N already counts it.
+    summed loss is scaled by world / N before backward: DeepSpeed divides the all-reduced gradient by the world size,
+    and we tell it not to divide by the accumulation count (scale_wrt_gas=False), since N already counts it.
     fp16: engine.backward also multiplies by the loss scale, and the optimizer divides it out of the gradients; if
-    they overflowed, engine.step skips the update (engine.was_step_applied() is False) and lowers the scale.
-    """
+    they overflowed, engine.step skips the update (engine.was_step_applied() is False) and lowers the scale."""
     local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)  # model.forward's count
     n = all_reduce_sum(torch.tensor(float(local), dtype=torch.float64, device=device)).item()
     scale = world() / max(n, 1.0)
@@ -359,7 +352,6 @@ def train(args, base=loader.build_model, dataset=None, save=True):
     ds_config = deepspeed_config(args, trainable=sum(p.numel() for p in params))
     optimizer = make_optimizer(params, args, device, ds_config["zero_optimization"])
 
-    # steps counted in optimizer steps; an epoch's last step may hold fewer micro-batches (train_step)
     steps_per_epoch = math.ceil(math.ceil(len(sampler) / args.micro_batch) / args.accumulation)
     total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, args.warmup_ratio))
