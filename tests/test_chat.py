@@ -304,6 +304,10 @@ def test_stats_print_time_to_first_token_and_rate(run):
     assert rc == 0 and "running eager on CPU" in out
     assert re.search(r"time to first token \d+ ms", out), out
     assert re.search(r"5 tokens \| [\d.]+ tok/s", out), out
+    # compiling is the default on a GPU only: on the CPU no flag means eager without a word; --no-compile parses
+    rc, out = talk(model_dir, ["hi"], "--temperature", "0", "--max-new-tokens", "2")
+    assert rc == 0 and "eager" not in out
+    assert chat.parse_args([]).compile is None and chat.parse_args(["--no-compile"]).compile is False
 
 
 def test_no_model_says_what_to_do(tmp_path, monkeypatch, capsys):
