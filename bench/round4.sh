@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Round 4 on one GPU, in two calls of at most 10 minutes (carry .whl, built by the GPU wheels script, which also
-# holds Meta's Llama-3 tokenizer.model as .whl/llama3_tokenizer.model for the chat folder):
+# Round 4 on one GPU, in two calls of at most 10 minutes. Carry .whl, built by the GPU wheels script, with Meta's
+# Llama-3 tokenizer.model copied in for the chat folder (from the llama-models package of requirements-test.txt):
+#   cp $(python -c 'import models, os; print(os.path.dirname(models.__file__))')/llama3/tokenizer.model \
+#      .whl/llama3_tokenizer.model
 #   OUT=... bash bench/round4.sh train    # train.py jobs (bench/train_runs.sh) + HF's QLoRA step, as XTuner sets it up
 #   OUT=... bash bench/round4.sh chat     # chat.py itself vs transformers on one random-weight 8B folder
 set -uo pipefail
@@ -16,13 +18,16 @@ case ${1:-train} in
       timeout 150 python3 bench/train_bench.py --side hf --workload qlora --steps 5 $v --out "$OUT/train_bench.jsonl" \
         > "$OUT/hf-qlora$v.log" 2>&1; echo "hf qlora $v: rc=$?"; tail -3 "$OUT/hf-qlora$v.log"
     done ;;
-  chat)
+  chat)  # then eval_mmbench.py's questions/s on the same folder (an MMBench-format and a yes/no set, 8 new tokens)
     M=/tmp/llava8b
     python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -2 "$OUT/chat-write.log"
-    timeout 200 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 --extra "${OURS_EXTRA:-}" --out "$OUT/chat.jsonl" \
+    timeout 150 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 --extra "${OURS_EXTRA:-}" --out "$OUT/chat.jsonl" \
       > "$OUT/chat-ours.log" 2>&1; echo "ours: rc=$?"; tail -3 "$OUT/chat-ours.log"
-    timeout 120 python3 bench/chat_cli.py hf $M --mode eager --repeat 3 --warmup 1 --out "$OUT/chat.jsonl" \
+    timeout 150 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
+      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -2 "$OUT/chat-hf-static.log"
+    timeout 100 python3 bench/chat_cli.py hf $M --mode eager --repeat 3 --warmup 1 --out "$OUT/chat.jsonl" \
       > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -2 "$OUT/chat-hf-eager.log"
-    timeout 180 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
-      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -2 "$OUT/chat-hf-static.log" ;;
+    python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1
+    timeout 100 python3 eval_mmbench.py --model $M --data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --batch-size 32 \
+      --max-new-tokens 8 --out "$OUT/eval" > "$OUT/eval.log" 2>&1; echo "eval: rc=$?"; grep -a "answered" "$OUT/eval.log" ;;
 esac
