@@ -21,13 +21,13 @@ case ${1:-train} in
   chat)  # then eval_mmbench.py's questions/s on the same folder (an MMBench-format and a yes/no set, 8 new tokens)
     M=/tmp/llava8b
     python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -2 "$OUT/chat-write.log"
-    timeout 150 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 --extra "${OURS_EXTRA:-}" --out "$OUT/chat.jsonl" \
+    timeout 120 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 --extra "${OURS_EXTRA:-}" --out "$OUT/chat.jsonl" \
       > "$OUT/chat-ours.log" 2>&1; echo "ours: rc=$?"; tail -3 "$OUT/chat-ours.log"
-    timeout 150 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
+    timeout 130 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
       > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -2 "$OUT/chat-hf-static.log"
-    timeout 100 python3 bench/chat_cli.py hf $M --mode eager --repeat 3 --warmup 1 --out "$OUT/chat.jsonl" \
+    timeout 90 python3 bench/chat_cli.py hf $M --mode eager --repeat 2 --warmup 1 --out "$OUT/chat.jsonl" \
       > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -2 "$OUT/chat-hf-eager.log"
     python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1
-    timeout 100 python3 eval_mmbench.py --model $M --data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --batch-size 32 \
+    timeout 80 python3 eval_mmbench.py --model $M --data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --batch-size 32 \
       --max-new-tokens 8 --out "$OUT/eval" > "$OUT/eval.log" 2>&1; echo "eval: rc=$?"; grep -a "answered" "$OUT/eval.log" ;;
 esac
