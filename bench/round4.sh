@@ -3,6 +3,7 @@
 # Llama-3 tokenizer.model copied in for the chat folder (from the llama-models package of requirements-test.txt):
 #   cp $(python -c 'import models, os; print(os.path.dirname(models.__file__))')/llama3/tokenizer.model \
 #      .whl/llama3_tokenizer.model
+# and openpyxl for eval_mmbench.py: pip download --no-deps -d .whl openpyxl et-xmlfile
 #   OUT=... bash bench/round4.sh train    # train.py jobs (bench/train_runs.sh) + HF's QLoRA step, as XTuner sets it up
 #   OUT=... bash bench/round4.sh chat     # chat.py itself vs transformers on one random-weight 8B folder
 set -uo pipefail
