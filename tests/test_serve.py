@@ -24,7 +24,7 @@ import chat
 import clip
 import model as llava
 from extras import loader, serve
-from test_chat import ROOT, greedy_full_forward, header, run, user_turn  # noqa: F401 (run is a fixture)
+from test_chat import ROOT, calls, greedy_full_forward, header, run, user_turn  # noqa: F401 (run, calls: fixtures)
 
 P = 64  # image positions of the tiny CLIP: (64 / 8) ** 2
 N = 8   # the server's default max_tokens (--max-new-tokens)
@@ -59,22 +59,6 @@ def server(run):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Every generate() call made through chat.Conversation.answer (by chat.py or by the server): its prompt,
-    keyword arguments and new tokens."""
-    seen = []
-    real = chat.generate
-
-    def recording(model, prompts, pixel_values=None, **kw):
-        new = real(model, prompts, pixel_values, **kw)
-        seen.append({"prompt": list(prompts[0]), "pixels": pixel_values, "answer": new[0], **kw})
-        return new
-
-    monkeypatch.setattr(chat, "generate", recording)
-    return seen
 
 
 def chat_py(model_dir, calls, *flags):
