@@ -194,9 +194,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="on by default on a GPU (--no-compile: eager): fuse the q/k/v and gate/up projections (not with LoRA / NF4 layers), compile the "
-                        "decoder blocks and replay each decode step from a CUDA graph (the first answer waits for "
-                        "the compilation)")
+                   help="on by default on a GPU (--no-compile: eager): fuse the q/k/v and gate/up projections (not "
+                        "with LoRA / NF4 layers), compile the decoder blocks and replay each decode step from a CUDA "
+                        "graph (the first answer waits for the compilation)")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer these messages (repeatable) and exit, instead of reading stdin")
