@@ -141,9 +141,18 @@ class Conversation:
         """The new tokens answering `ids` (after `cache_offset` cached ones), with this session's stop ids, compiled
         step and context; `sampling` (temperature, top_k, top_p, max_new_tokens) overrides the flags' values."""
         s = {k: getattr(self.args, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens")} | sampling
+        cache_len = cache_length(cache_offset + len(ids) + s["max_new_tokens"], self.args.context)
         return generate(self.model, [ids], pixels, **s, stop_ids=self.stop_ids, on_token=on_token,
-                        cache_offset=cache_offset, max_cache_len=self.args.context, step_fn=self.step_fn,
+                        cache_offset=cache_offset, max_cache_len=cache_len, step_fn=self.step_fn,
                         generator=torch.Generator(device=self.device).manual_seed(seed), sync_every=self.sync_every)[0]
+
+
+def cache_length(need, context):
+    """KV cache slots for a conversation that needs `need`: a power of two from 1,024, at most the context. Each
+    decode step reads the whole cache, so an 8,192-slot cache for a 900-token chat would read 8x the keys and
+    values it needs (1 GB per token at 8B); powers of two keep the shapes, so the compiled blocks and the graph,
+    few: a conversation that outgrows its cache gets one twice as long (model.generate keeps its history)."""
+    return min(context, max(1024, 1 << (need - 1).bit_length()))
 
 
 class _Streamer:
@@ -188,7 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.75,
                    help="sample from the likeliest tokens whose probabilities reach p (1 = all)")
     p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--context", type=int, default=8192, help="KV cache length (tokens) of one conversation")
+    p.add_argument("--context", type=int, default=8192, help="the longest conversation (tokens); the KV cache grows to it as needed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],

@@ -325,6 +325,17 @@ class Llama(nn.Module):
             a = layer.self_attn
             a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, device)
 
+    def grow_cache(self, max_len):
+        """A longer cache (max_len slots) holding what the current one holds: a conversation that outgrew it goes on
+        without recomputing its history. New buffers, so a CUDA graph captured on the old ones must be recaptured."""
+        for layer in self.layers:
+            old = layer.self_attn.cache
+            B, Hkv, S, D = old.k.shape
+            new = KVCache(B, max_len, Hkv, D, old.k.dtype, old.k.device)
+            new.k[:, :, :S] = old.k
+            new.v[:, :, :S] = old.v
+            layer.self_attn.cache = new
+
     def reset_cache(self):
         for layer in self.layers:
             layer.self_attn.cache.k.zero_()

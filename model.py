@@ -143,7 +143,9 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     prompts: list of id lists (image positions as IMAGE_TOKEN_INDEX runs); rows are left-padded to a common length,
     so every row's last prompt token sits in the same cache slot and one decode step serves them all.
     cache_offset > 0 continues a conversation (batch of one) whose first `cache_offset` tokens are already in the
-    cache. Returns the new tokens of each row; a row stops at its first stop id (kept in its list) or after
+    cache (which grows, history kept, when this turn does not fit). The cache has max(need, max_cache_len) slots:
+    every decode step attends over all of them, so a cache far longer than the conversation costs time; a fixed
+    length reuses buffers and a captured graph across calls. Returns the new tokens of each row; a row stops at its first stop id (kept in its list) or after
     max_new_tokens. The last token of each row is not fed back, so a follow-up turn starts with it.
     on_token(row, token_id) is called as tokens are produced (for streaming). sync_every: decode steps between trips
     of the new tokens to the host. At 1 each token is streamed as soon as it exists, but the GPU idles while Python
@@ -158,7 +160,7 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     need = cache_offset + T + max_new_tokens
     cache_len = max(need, max_cache_len or 0)
     if cache_offset and cache_size(llm) < need:
-        raise ValueError(f"the KV cache holds {cache_size(llm)} positions, {need} are needed")
+        llm.grow_cache(cache_len)  # the conversation outgrew its cache: a longer one with the same history
     if cache_offset == 0:
         cache = llm.layers[0].self_attn.cache
         if cache is not None and tuple(cache.k.shape[::2]) == (B, cache_len):

@@ -243,17 +243,19 @@ def lr_factor(step, total, warmup_ratio=0.03):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def deepspeed_config(args, trainable=None):
+def deepspeed_config(args, trainable=None, world_size=None):
     """DeepSpeed's config for --deepspeed: a preset, or deepspeed_zero2's with the entries of a JSON file over it.
-    `trainable`: the number of trainable parameters, if known."""
+    `trainable`: the number of trainable parameters, if known; `world_size`: the number of processes, if known."""
     stage, offload = DEEPSPEED_PRESETS.get(args.deepspeed, DEEPSPEED_PRESETS["deepspeed_zero2"])
+    alone = world_size == 1
     zero = {"stage": stage}
     if stage > 0:
-        zero["overlap_comm"] = True
+        zero["overlap_comm"] = not alone  # overlaps the gradients' all-reduce with backward: none on one GPU
     if stage in (1, 2) and trainable:
         # ZeRO-1/2 allocate their gradient buckets at full size (two with overlap_comm), 5e8 elements by default:
-        # 2 GB in bf16 for a run that trains 20M (projector) or 189M (LoRA) parameters: no bucket need be larger
-        zero["reduce_bucket_size"] = min(500_000_000, trainable)
+        # 2 GB in bf16 for a run that trains 20M (projector) or 189M (LoRA) parameters: no bucket need be larger.
+        # On one GPU a bucket is only a staging copy with nothing to communicate, so a small one does
+        zero["reduce_bucket_size"] = min(50_000_000 if alone else 500_000_000, trainable)
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:
@@ -349,7 +351,7 @@ def train(args, base=loader.build_model, dataset=None, save=True):
     if args.compile:
         m.llm.compile_blocks()  # in place (Module.compile): parameter names and checkpoints are unchanged
     params = [p for p in m.parameters() if p.requires_grad]
-    ds_config = deepspeed_config(args, trainable=sum(p.numel() for p in params))
+    ds_config = deepspeed_config(args, trainable=sum(p.numel() for p in params), world_size=world())
     optimizer = make_optimizer(params, args, device, ds_config["zero_optimization"])
 
     steps_per_epoch = math.ceil(math.ceil(len(sampler) / args.micro_batch) / args.accumulation)

@@ -47,6 +47,14 @@ for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
   quant-pt) run quant-pt $QPT --max-steps 10 ;;
   # fp16 (dynamic loss scaling) at 8B shapes: the loss must stay finite; early steps may overflow and be skipped
   qlora-fp16) run qlora-fp16 $QLORA --max-steps 8 --dtype fp16 ;;
+  # round 4's first call had DeepSpeed overlap the gradient copies in two buckets as large as the 188,751,872
+  # trainable parameters; on one GPU train.py now uses one 5e7 bucket (train.deepspeed_config)
+  qlora-prev) echo '{"zero_optimization": {"overlap_comm": true, "reduce_bucket_size": 188751872}}' > /tmp/prev.json
+        run qlora-prev $QLORA --max-steps 10 --deepspeed /tmp/prev.json ;;
+  # where the QLoRA step's memory and time go: step 3's peak by allocating line, steps 4-6 under torch.profiler
+  qlora-profile) timeout ${RUN_TIMEOUT:-150} python3 bench/profile_train.py $QLORA --max-steps 7 $B \
+        --out "$OUT/qlora-profile" > "$OUT/qlora-profile.log" 2>&1; echo "qlora-profile: rc=$?"
+        grep -a -A1 "==== memory" "$OUT/qlora-profile.log"; grep -a -A30 "==== profile" "$OUT/qlora-profile.log" ;;
   # DeepSpeed's bf16 master weights and Adam moments (a user JSON; not exact: small updates round away in bf16)
   qlora-bf16states) echo '{"bf16": {"bf16_master_weights_and_grads": true, "bf16_optimizer_states": true}}' \
         > /tmp/bf16_states.json; run qlora-bf16states $QLORA --max-steps 8 --deepspeed /tmp/bf16_states.json ;;
@@ -55,6 +63,7 @@ for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
   # none. Fewer recomputed blocks at micro-batch 32 (each keeps its activations), or a smaller micro-batch with
   # fewer or none (the recipe's global batch stays; a GEMM still has 16 x 640 rows)
   pt) run pt $PT --checkpoint-layers 11 ;;
+  pt-all) run pt-all $PT ;;  # the recipe as typed: every block recomputed
   pt-c8) run pt-c8 $PT --checkpoint-layers 8 ;;
   pt-c5) run pt-c5 $PT --checkpoint-layers 5 ;;
   pt-mb24) run pt-mb24 $PT --micro-batch 24 --checkpoint-layers 4 --max-steps 25 ;;

@@ -196,6 +196,31 @@ def test_two_turns_continue_the_cache_and_equal_a_from_scratch_decode(run, calls
         assert greedy_full_forward(model, wrong, px, n, stops) != second["answer"]
 
 
+def test_a_conversation_that_outgrows_its_cache_keeps_its_history(run, calls, conversations):
+    """The KV cache is a power of two from 1,024 slots up to --context (each decode step reads all of it); a turn
+    that no longer fits gets a cache twice as long holding the same history, and answers as a from-scratch decode of
+    the whole history does."""
+    model_dir, image, tok = run
+    n, long_question = 6, " ".join(["Tell me more about it."] * 170)  # ~1,000 tokens: turn 2 needs more than 1,024 slots
+    rc, _ = talk(model_dir, ["What is in the picture?", long_question], "--context", "8192", "--image", str(image),
+                 "--temperature", "0", "--max-new-tokens", str(n))
+    assert rc == 0
+    (first, second), conv = calls, conversations[0]
+    assert first["max_cache_len"] == 1024 and second["cache_offset"] > 0
+    need = second["cache_offset"] + len(second["prompt"]) + n
+    assert 1024 < need <= 2048 and second["max_cache_len"] == 2048 == llava.cache_size(conv.model.llm)
+    assert chat.cache_length(need, 1500) == 1500  # never past the context
+
+    eot, stops = tok.special("<|eot_id|>"), {tok.special("<|eot_id|>"), tok.special("<|end_of_text|>")}
+    history = first["prompt"] + first["answer"] + [eot] + user_turn(tok, long_question)
+    assert first["prompt"] + first["answer"][:-1] + second["prompt"] == history
+    pixels = clip.preprocess(clip.load_image(image), 64, pad_to_square=True)[None]
+    model, _, _ = loader.load_model(model_dir, dtype=torch.float32)
+    assert second["answer"] == greedy_full_forward(model, history, pixels, n, stops)
+    # the reference tells a grown cache that lost the first turn
+    assert greedy_full_forward(model, [tok.bos_id] + user_turn(tok, long_question), None, n, stops) != second["answer"]
+
+
 def test_an_answer_that_stopped_is_closed_once(run, calls, monkeypatch):
     """An answer that ended at <|eot_id|> goes into the history as is; one cut by --max-new-tokens gets one."""
     model_dir, _, tok = run

@@ -169,6 +169,12 @@ def test_deepspeed_config_merge(tmp_path):
     a.deepspeed = "deepspeed_zero2"
     assert "offload_optimizer" not in train.deepspeed_config(a)["zero_optimization"]
     assert train.deepspeed_config(a, trainable=10 ** 10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    # one process: nothing to overlap or communicate, so one small staging bucket instead of two full-size ones
+    alone = train.deepspeed_config(a, trainable=10 ** 10, world_size=1)["zero_optimization"]
+    assert alone["overlap_comm"] is False and alone["reduce_bucket_size"] == 50_000_000
+    assert train.deepspeed_config(a, trainable=1234, world_size=1)["zero_optimization"]["reduce_bucket_size"] == 1234
+    several = train.deepspeed_config(a, trainable=10 ** 10, world_size=2)["zero_optimization"]
+    assert several["overlap_comm"] is True and several["reduce_bucket_size"] == 500_000_000
     a.deepspeed = "deepspeed_zero3"  # ZeRO-3 sizes its buckets by itself
     assert "reduce_bucket_size" not in train.deepspeed_config(a, trainable=1234)["zero_optimization"]
     a.deepspeed = "deepspeed_zero0"
