@@ -197,7 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.75,
                    help="sample from the likeliest tokens whose probabilities reach p (1 = all)")
     p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--context", type=int, default=8192, help="the longest conversation (tokens); the KV cache grows to it as needed")
+    p.add_argument("--context", type=int, default=8192,
+                   help="the longest conversation (tokens); the KV cache grows to it as needed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],

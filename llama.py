@@ -263,6 +263,12 @@ class Llama(nn.Module):
             layer.compile(**compile_kwargs)
         return self
 
+    def embed(self, input_ids):
+        """Token embeddings (B, T, C) on input_ids' device. The frozen table may live in CPU memory while the blocks
+        are on the GPU (train.py --cpu-embeddings): the lookup then runs on the CPU and only its rows travel."""
+        table = self.embed_tokens.weight
+        return self.embed_tokens(input_ids.to(table.device)).to(input_ids.device)
+
     def train(self, mode=True):
         if mode and self.fused:
             raise RuntimeError("this Llama's projections were fused for inference (fuse_projections): it cannot "
@@ -292,7 +298,7 @@ class Llama(nn.Module):
         real tokens (False for left padding). Without a cache, key_valid (B, T) masks left padding too.
         Packed samples (extras/packing.py): segment_ids (B, T) numbers the samples of each row; a token attends only
         to earlier tokens of its own sample, and positions (B, T) restart at 0 for each sample."""
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = h.shape[1]
         if cache_pos is None:
             q_slots, S = torch.arange(T, device=h.device), T
@@ -320,7 +326,7 @@ class Llama(nn.Module):
                              f"{self.cfg.max_position_embeddings}, where 'dynamic' RoPE scaling would start; "
                              "this implementation stops below it: ask for fewer new tokens")
         dtype = dtype or self.embed_tokens.weight.dtype
-        device = device or self.embed_tokens.weight.device
+        device = device or self.norm.weight.device
         for layer in self.layers:
             a = layer.self_attn
             a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, device)

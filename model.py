@@ -56,7 +56,7 @@ class LLaVA(nn.Module):
         holds IMAGE_TOKEN_INDEX at every image position (P per image, images in reading order); data.collate has
         already checked that the counts agree with pixel_values."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
-        embeds = self.llm.embed_tokens(input_ids.clamp(min=0))  # (B, T, C); image positions embed id 0 for now
+        embeds = self.llm.embed(input_ids.clamp(min=0))  # (B, T, C); image positions embed id 0 for now
         if pixel_values is not None and pixel_values.shape[0] > 0:
             feats = self.encode_images(pixel_values)            # (N, P, C)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))  # one vectorised splice
@@ -145,15 +145,16 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     cache_offset > 0 continues a conversation (batch of one) whose first `cache_offset` tokens are already in the
     cache (which grows, history kept, when this turn does not fit). The cache has max(need, max_cache_len) slots:
     every decode step attends over all of them, so a cache far longer than the conversation costs time; a fixed
-    length reuses buffers and a captured graph across calls. Returns the new tokens of each row; a row stops at its first stop id (kept in its list) or after
-    max_new_tokens. The last token of each row is not fed back, so a follow-up turn starts with it.
+    length reuses buffers and a captured graph across calls. Returns the new tokens of each row; a row stops at its
+    first stop id (kept in its list) or after max_new_tokens. The last token of each row is not fed back, so a
+    follow-up turn starts with it.
     on_token(row, token_id) is called as tokens are produced (for streaming). sync_every: decode steps between trips
     of the new tokens to the host. At 1 each token is streamed as soon as it exists, but the GPU idles while Python
     looks at it; at k the host queues k steps back to back and hears of their tokens (and of stop tokens) together.
     The tokens returned are the same; up to k - 1 steps may be computed after every row stopped (their tokens are
     dropped, and their cache slots lie past what the next turn keeps)."""
     llm = model.llm
-    device = llm.embed_tokens.weight.device
+    device = llm.norm.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     if cache_offset and B != 1:
         raise ValueError("continuing from a cache is for a single conversation (batch of one)")

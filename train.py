@@ -46,17 +46,13 @@ import lora
 from extras import loader
 from extras.checkpoint import (TORCH_DTYPES, add_trainable_parts, export_checkpoint, load_projector, model_config,
                                open_run_folder, resume_training, save_checkpoint, save_stage_output)
-from extras.distributed import all_reduce_sum, gather_union, init_distributed, log, merge_config, world
+from extras.distributed import (DEEPSPEED_PRESETS, all_reduce_sum, deepspeed_config, gather_union,
+                                init_distributed, log, world)
 from extras.monitor import Progress, done, evaluate, evaluates, flops_per_token, summary
 from extras.train_data import data_report, make_loader, make_sampler, open_dataset, optimizer_steps
 from model import LLM_LORA_TARGETS
 from tokenizer import IGNORE_INDEX
-from weights import read_json
 
-# XTuner's `--deepspeed` names (xtuner/configs/deepspeed/*.json; zero0 is ours) -> (ZeRO stage, optimizer in CPU)
-DEEPSPEED_PRESETS = {"deepspeed_zero0": (0, False), "deepspeed_zero1": (1, False), "deepspeed_zero2": (2, False),
-                     "deepspeed_zero2_offload": (2, True), "deepspeed_zero3": (3, False),
-                     "deepspeed_zero3_offload": (3, True)}
 XTUNER_EVAL_PROMPTS = ["请描述一下这张照片", "Please describe this picture"]  # EvaluateChatHook inputs
 STEP_SIZE_FLAGS = {"--global-batch", "--accumulation"}
 
@@ -123,6 +119,9 @@ def build_parser():
                    help="bf16 (or fp16 with dynamic loss scaling, for GPUs without bf16) weights, fp32 master copies")
     g.add_argument("--loss-chunk", type=int, default=512, metavar="N",
                    help="supervised positions per lm_head chunk (bounds the fp32 logits' memory: model.py)")
+    g.add_argument("--cpu-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the frozen token-embedding table in CPU memory (1 GB less on the GPU at 8B): each "
+                        "micro-batch looks its ids up there and sends the rows over")
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the launchers
     g = p.add_argument_group("run folder, checkpoints, evaluation")
     g.add_argument("--out", help="run folder (default runs/<stage>-<date-time>)")
@@ -221,6 +220,16 @@ def build_llava(args, cfg, device, base=loader.build_model):
     return m.train()
 
 
+def cpu_embeddings(m):
+    """--cpu-embeddings: the token-embedding table to CPU memory (Llama.embed looks ids up where the table is).
+    Only a frozen table that is not also the lm_head can go: the optimizer never sees it there."""
+    table = m.llm.embed_tokens.weight
+    if table.requires_grad or m.llm.lm_head.weight is table:
+        why = "it is trained (--llm-mode full)" if table.requires_grad else "it is also the lm_head (tied weights)"
+        raise SystemExit(f"--cpu-embeddings: the token-embedding table cannot leave the GPU: {why}")
+    m.llm.embed_tokens.to("cpu")
+
+
 def compile_default(args, device):
     """--compile as given; by default on a GPU in every mode (an uncompiled LoRA / QLoRA step waits on kernel
     launches; frozen and full LLMs gain fused norms, RoPE and SwiGLU), except under ZeRO-3, whose hooks gather each
@@ -241,46 +250,6 @@ def lr_factor(step, total, warmup_ratio=0.03):
     if step < warmup:
         return 1e-5 + (1 - 1e-5) * step / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def deepspeed_config(args, trainable=None, world_size=None):
-    """DeepSpeed's config for --deepspeed: a preset, or deepspeed_zero2's with the entries of a JSON file over it.
-    `trainable`: the number of trainable parameters, if known; `world_size`: the number of processes, if known."""
-    stage, offload = DEEPSPEED_PRESETS.get(args.deepspeed, DEEPSPEED_PRESETS["deepspeed_zero2"])
-    alone = world_size == 1
-    zero = {"stage": stage}
-    if stage > 0:
-        zero["overlap_comm"] = not alone  # overlaps the gradients' all-reduce with backward: none on one GPU
-    if stage in (1, 2) and trainable:
-        # ZeRO-1/2 allocate their gradient buckets at full size (two with overlap_comm), 5e8 elements by default:
-        # 2 GB in bf16 for a run that trains 20M (projector) or 189M (LoRA) parameters: no bucket need be larger.
-        # On one GPU a bucket is only a staging copy with nothing to communicate, so a small one does
-        zero["reduce_bucket_size"] = min(50_000_000 if alone else 500_000_000, trainable)
-    if offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    cfg = {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": args.accumulation,
-        "gradient_clipping": args.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": args.dtype == "bf16"},  # bf16 weights; ZeRO keeps fp32 master copies
-        # fp16: dynamic loss scaling from 2^16 (DeepSpeed's defaults, spelled out). An overflowing step is skipped;
-        # every overflow but the first since the scale last grew (hysteresis 2) halves it; 1000 clean steps double it
-        "fp16": {"enabled": args.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "zero_allow_untested_optimizer": True,      # we pass torch's AdamW object
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10 ** 9,                 # we print our own progress line
-        "wall_clock_breakdown": False,
-    }
-    if args.deepspeed.endswith(".json"):
-        cfg = merge_config(cfg, read_json(args.deepspeed))
-    if cfg["fp16"].get("enabled") is True and cfg["zero_optimization"].get("stage", 0) == 0:
-        raise SystemExit(f"--dtype fp16 with ZeRO-0 ({args.deepspeed}): DeepSpeed 0.19 scales the fp16 loss only under "
-                         f"ZeRO 1-3 (ZeRO-0 unscales gradients it never scaled); use --deepspeed deepspeed_zero2")
-    return cfg
 
 
 def make_optimizer(params, args, device, zero):
@@ -359,6 +328,8 @@ def train(args, base=loader.build_model, dataset=None, save=True):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, args.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    if args.cpu_embeddings:
+        cpu_embeddings(m)  # after deepspeed.initialize, which moves the whole model to the GPU
 
     step, epoch, consumed = 0, 0, 0  # consumed: samples of the current epoch this rank has trained on
     if resume:

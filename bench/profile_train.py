@@ -82,7 +82,7 @@ def resident(engine):
     params = list(engine.module.parameters())
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
-    gb = {"frozen parameters": nbytes(p for p in params if not p.requires_grad),
+    gb = {"frozen parameters on the GPU": nbytes(p for p in params if not p.requires_grad and p.is_cuda),
           "trainable parameters": nbytes(p for p in params if p.requires_grad),
           "fp32 master copies": nbytes(getattr(opt, "single_partition_of_fp32_groups", None)
                                        or getattr(opt, "fp32_groups_flat_partition", [])),

@@ -47,11 +47,14 @@ for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
   quant-pt) run quant-pt $QPT --max-steps 10 ;;
   # fp16 (dynamic loss scaling) at 8B shapes: the loss must stay finite; early steps may overflow and be skipped
   qlora-fp16) run qlora-fp16 $QLORA --max-steps 8 --dtype fp16 ;;
-  # round 4's first call had DeepSpeed overlap the gradient copies in two buckets as large as the 188,751,872
-  # trainable parameters; on one GPU train.py now uses one 5e7 bucket (train.deepspeed_config)
+  # the single-GPU recipe's memory levers, one at a time: the embedding table on the GPU, 512-position loss chunks
+  qlora-gpuemb) run qlora-gpuemb $QLORA --max-steps 10 --no-cpu-embeddings ;;
+  qlora-chunk512) run qlora-chunk512 $QLORA --max-steps 10 --loss-chunk 512 ;;
+  # calls 1-4 of round 4: DeepSpeed overlapping the gradient copies in two buckets as large as the 188,751,872
+  # trainable parameters (train.py now gives one GPU one 5e7 bucket), the table on the GPU, 512-position chunks
   qlora-prev) echo '{"zero_optimization": {"overlap_comm": true, "reduce_bucket_size": 188751872}}' > /tmp/prev.json
-        run qlora-prev $QLORA --max-steps 10 --deepspeed /tmp/prev.json ;;
-  # where the QLoRA step's memory and time go: step 3's peak by allocating line, steps 4-6 under torch.profiler
+        run qlora-prev $QLORA --max-steps 10 --deepspeed /tmp/prev.json --no-cpu-embeddings --loss-chunk 512 ;;
+  # where the QLoRA step's memory and time go: step 3's peak in each phase, steps 4-6 under torch.profiler
   qlora-profile) timeout ${RUN_TIMEOUT:-150} python3 bench/profile_train.py $QLORA --max-steps 7 $B \
         --out "$OUT/qlora-profile" > "$OUT/qlora-profile.log" 2>&1; echo "qlora-profile: rc=$?"
         grep -a -A1 "==== memory" "$OUT/qlora-profile.log"; grep -a -A30 "==== profile" "$OUT/qlora-profile.log" ;;

@@ -1,6 +1,6 @@
 """The process group of a training run: start or join it, this process's rank, the few collectives train.py
-uses, and the merge of a user's DeepSpeed JSON over train.py's config. Every helper also works without a group (one
-process: rank 0 of 1), so tests and tools can call them alone.
+uses, and the DeepSpeed config of train.py's flags (deepspeed_config, a user's JSON merged over it). Every helper
+also works without a group (one process: rank 0 of 1), so tests and tools can call them alone.
 
 `deepspeed` and `torchrun` start one process per GPU and set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT; a plain `python train.py` sets them itself for a group of one.
@@ -10,6 +10,13 @@ import os
 import socket
 
 import torch
+
+from weights import read_json
+
+# XTuner's `--deepspeed` names (xtuner/configs/deepspeed/*.json; zero0 is ours) -> (ZeRO stage, optimizer in CPU)
+DEEPSPEED_PRESETS = {"deepspeed_zero0": (0, False), "deepspeed_zero1": (1, False), "deepspeed_zero2": (2, False),
+                     "deepspeed_zero2_offload": (2, True), "deepspeed_zero3": (3, False),
+                     "deepspeed_zero3_offload": (3, True)}
 
 
 def free_port():
@@ -86,3 +93,43 @@ def merge_config(ours, theirs):
             continue
         out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def deepspeed_config(args, trainable=None, world_size=None):
+    """DeepSpeed's config for --deepspeed: a preset, or deepspeed_zero2's with the entries of a JSON file over it.
+    `trainable`: the number of trainable parameters, if known; `world_size`: the number of processes, if known."""
+    stage, offload = DEEPSPEED_PRESETS.get(args.deepspeed, DEEPSPEED_PRESETS["deepspeed_zero2"])
+    alone = world_size == 1
+    zero = {"stage": stage}
+    if stage > 0:
+        zero["overlap_comm"] = not alone  # overlaps the gradients' all-reduce with backward: none on one GPU
+    if stage in (1, 2) and trainable:
+        # ZeRO-1/2 allocate their gradient buckets at full size (two with overlap_comm), 5e8 elements by default:
+        # 2 GB in bf16 for a run that trains 20M (projector) or 189M (LoRA) parameters: no bucket need be larger.
+        # On one GPU a bucket is only a staging copy with nothing to communicate, so a small one does
+        zero["reduce_bucket_size"] = min(50_000_000 if alone else 500_000_000, trainable)
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": args.accumulation,
+        "gradient_clipping": args.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": args.dtype == "bf16"},  # bf16 weights; ZeRO keeps fp32 master copies
+        # fp16: dynamic loss scaling from 2^16 (DeepSpeed's defaults, spelled out). An overflowing step is skipped;
+        # every overflow but the first since the scale last grew (hysteresis 2) halves it; 1000 clean steps double it
+        "fp16": {"enabled": args.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,      # we pass torch's AdamW object
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 9,                 # we print our own progress line
+        "wall_clock_breakdown": False,
+    }
+    if args.deepspeed.endswith(".json"):
+        cfg = merge_config(cfg, read_json(args.deepspeed))
+    if cfg["fp16"].get("enabled") is True and cfg["zero_optimization"].get("stage", 0) == 0:
+        raise SystemExit(f"--dtype fp16 with ZeRO-0 ({args.deepspeed}): DeepSpeed 0.19 scales the fp16 loss only under "
+                         f"ZeRO 1-3 (ZeRO-0 unscales gradients it never scaled); use --deepspeed deepspeed_zero2")
+    return cfg

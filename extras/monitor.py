@@ -72,7 +72,8 @@ def summary(args, m, report, total, steps_per_epoch, ds_config):
         f"stage {args.stage}{' (text only)' if args.vision is None else ''}{' | packed' if args.pack else ''}"
         f" | llm {args.llm_mode}{' + vision LoRA' if args.vision_lora else ''} | dtype {args.dtype}"
         f" | ZeRO-{zero['stage']}{offload} | activation checkpointing {checkpointing}"
-        f" | compiled blocks {'on' if args.compile else 'off'} | loss chunk {args.loss_chunk}",
+        f" | compiled blocks {'on' if args.compile else 'off'} | loss chunk {args.loss_chunk}"
+        f"{' | embeddings in CPU memory' if args.cpu_embeddings else ''}",
         f"world {world()} x micro-batch {args.micro_batch} x accumulation {args.accumulation} = global batch "
         f"{args.global_batch} | {total} optimizer steps ({steps_per_epoch} per epoch) | lr {args.lr:.1e}",
         f"data: {report}",

@@ -201,7 +201,7 @@ def test_a_conversation_that_outgrows_its_cache_keeps_its_history(run, calls, co
     that no longer fits gets a cache twice as long holding the same history, and answers as a from-scratch decode of
     the whole history does."""
     model_dir, image, tok = run
-    n, long_question = 6, " ".join(["Tell me more about it."] * 170)  # ~1,000 tokens: turn 2 needs more than 1,024 slots
+    n, long_question = 6, " ".join(["Tell me more about it."] * 170)  # ~1,000 tokens: turn 2 needs > 1,024 slots
     rc, _ = talk(model_dir, ["What is in the picture?", long_question], "--context", "8192", "--image", str(image),
                  "--temperature", "0", "--max-new-tokens", str(n))
     assert rc == 0

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -179,6 +180,23 @@ def test_deepspeed_config_merge(tmp_path):
     assert "reduce_bucket_size" not in train.deepspeed_config(a, trainable=1234)["zero_optimization"]
     a.deepspeed = "deepspeed_zero0"
     assert train.deepspeed_config(a)["zero_optimization"] == {"stage": 0}
+
+
+def test_cpu_embeddings_only_for_a_frozen_untied_table():
+    """--cpu-embeddings moves the token-embedding table off the GPU; a trained table (the optimizer holds it there)
+    or one that is also the lm_head is refused with the reason."""
+    cfg = dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+    trained = SimpleNamespace(llm=llama.Llama(llama.LlamaConfig(**cfg)))
+    with pytest.raises(SystemExit, match="it is trained"):
+        train.cpu_embeddings(trained)
+    tied = SimpleNamespace(llm=llama.Llama(llama.LlamaConfig(**cfg, tie_word_embeddings=True)).requires_grad_(False))
+    with pytest.raises(SystemExit, match="tied weights"):
+        train.cpu_embeddings(tied)
+    frozen = SimpleNamespace(llm=llama.Llama(llama.LlamaConfig(**cfg)).requires_grad_(False))
+    train.cpu_embeddings(frozen)
+    assert frozen.llm.embed_tokens.weight.device.type == "cpu"
+    assert train.parse_args(["--stage", "finetune", "--qlora", "--llm", "x", "--vision", "y", "--data", "d",
+                             "--cpu-embeddings"]).cpu_embeddings is True
 
 
 def test_compile_default(tmp_path):
