@@ -217,17 +217,18 @@ def build_llava(args, cfg, device, base=loader.build_model):
     if m.vision is not None:  # frozen: no graph at all
         m.vision.activation_checkpointing = args.activation_checkpointing and args.vision_lora
     m.loss_chunk = args.loss_chunk
+    if args.cpu_embeddings:
+        check_cpu_embeddings(m)  # before DeepSpeed's start-up; train() moves the table after it
     return m.train()
 
 
-def cpu_embeddings(m):
-    """--cpu-embeddings: the token-embedding table to CPU memory (Llama.embed looks ids up where the table is).
+def check_cpu_embeddings(m):
+    """--cpu-embeddings keeps the token-embedding table in CPU memory (Llama.embed looks ids up where the table is).
     Only a frozen table that is not also the lm_head can go: the optimizer never sees it there."""
     table = m.llm.embed_tokens.weight
     if table.requires_grad or m.llm.lm_head.weight is table:
         why = "it is trained (--llm-mode full)" if table.requires_grad else "it is also the lm_head (tied weights)"
         raise SystemExit(f"--cpu-embeddings: the token-embedding table cannot leave the GPU: {why}")
-    m.llm.embed_tokens.to("cpu")
 
 
 def compile_default(args, device):
@@ -240,7 +241,7 @@ def compile_default(args, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedule, DeepSpeed config, and one optimizer step
+# Schedule, optimizer, and one optimizer step (DeepSpeed's config: extras/distributed.py)
 
 
 def lr_factor(step, total, warmup_ratio=0.03):
@@ -328,8 +329,8 @@ def train(args, base=loader.build_model, dataset=None, save=True):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, args.warmup_ratio))
     engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
-    if args.cpu_embeddings:
-        cpu_embeddings(m)  # after deepspeed.initialize, which moves the whole model to the GPU
+    if args.cpu_embeddings:  # after deepspeed.initialize, which moves the whole model to the GPU
+        m.llm.embed_tokens.to("cpu")
 
     step, epoch, consumed = 0, 0, 0  # consumed: samples of the current epoch this rank has trained on
     if resume:

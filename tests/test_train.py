@@ -182,19 +182,26 @@ def test_deepspeed_config_merge(tmp_path):
     assert train.deepspeed_config(a)["zero_optimization"] == {"stage": 0}
 
 
+def test_cpu_embeddings_refused_before_deepspeed_starts(tiny, tmp_path, monkeypatch):
+    """A full-LLM run with --cpu-embeddings stops when the model is built, not after DeepSpeed's start-up."""
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: pytest.fail("DeepSpeed started"))
+    with pytest.raises(SystemExit, match="it is trained"):
+        run_inprocess(base_args(tiny, tmp_path / "run", "--llm-mode", "full", "--cpu-embeddings", "--max-steps", "1"))
+
+
 def test_cpu_embeddings_only_for_a_frozen_untied_table():
     """--cpu-embeddings moves the token-embedding table off the GPU; a trained table (the optimizer holds it there)
     or one that is also the lm_head is refused with the reason."""
     cfg = dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
     trained = SimpleNamespace(llm=llama.Llama(llama.LlamaConfig(**cfg)))
     with pytest.raises(SystemExit, match="it is trained"):
-        train.cpu_embeddings(trained)
+        train.check_cpu_embeddings(trained)
     tied = SimpleNamespace(llm=llama.Llama(llama.LlamaConfig(**cfg, tie_word_embeddings=True)).requires_grad_(False))
     with pytest.raises(SystemExit, match="tied weights"):
-        train.cpu_embeddings(tied)
-    frozen = SimpleNamespace(llm=llama.Llama(llama.LlamaConfig(**cfg)).requires_grad_(False))
-    train.cpu_embeddings(frozen)
-    assert frozen.llm.embed_tokens.weight.device.type == "cpu"
+        train.check_cpu_embeddings(tied)
+    train.check_cpu_embeddings(SimpleNamespace(llm=llama.Llama(llama.LlamaConfig(**cfg)).requires_grad_(False)))
     assert train.parse_args(["--stage", "finetune", "--qlora", "--llm", "x", "--vision", "y", "--data", "d",
                              "--cpu-embeddings"]).cpu_embeddings is True
 
