@@ -48,6 +48,7 @@ from extras.checkpoint import (TORCH_DTYPES, add_trainable_parts, export_checkpo
                                open_run_folder, resume_training, save_checkpoint, save_stage_output)
 from extras.distributed import (DEEPSPEED_PRESETS, all_reduce_sum, deepspeed_config, gather_union,
                                 init_distributed, log, world)
+from extras.lora_dropout import pack_lora_dropout
 from extras.monitor import Progress, done, evaluate, evaluates, flops_per_token, summary
 from extras.train_data import data_report, make_loader, make_sampler, open_dataset, optimizer_steps
 from model import LLM_LORA_TARGETS
@@ -210,6 +211,7 @@ def build_llava(args, cfg, device, base=loader.build_model):
         lora.quantize_nf4(m.llm, LLM_LORA_TARGETS, compute_dtype=dtype, device=device)
         m.to(device)
     add_trainable_parts(m, cfg)
+    pack_lora_dropout(m)  # adapters' dropout masks kept at 1 bit an element for backward: the same maths
     if args.init_from:
         load_projector(m.projector, args.init_from)  # a previous stage's, in any layout extras.loader reads
     ac = args.activation_checkpointing

@@ -37,11 +37,34 @@ class PhasePeaks:
     the optimizer step. (torch's allocation recorder, with stacks, breaks this step's checkpointed cross-entropy.)"""
 
     def __init__(self, engine):
-        self.engine, self.peaks = engine, {}
+        self.engine, self.peaks, self.marks = engine, {}, []
 
     def mark(self, phase):
         self.peaks[phase] = max(self.peaks.get(phase, 0), torch.cuda.max_memory_allocated())
         torch.cuda.reset_peak_memory_stats()
+        # where this phase ends in the allocator's event trace (recorded without stacks: see alive_at_peak)
+        self.marks.append((phase, len(torch.cuda.memory._snapshot()["device_traces"][0])))
+
+    def alive_at_peak(self, trace):
+        """The allocations made during the step that are alive at its highest point, by size: recorded without
+        Python stacks (context=None), which keeps the checkpointed cross-entropy working."""
+        live, cur, best = {}, 0, (0, 0, {})
+        for i, e in enumerate(trace):
+            if e["action"] == "alloc":
+                live[e["addr"]] = e["size"]
+                cur += e["size"]
+                if cur > best[0]:
+                    best = (cur, i, dict(live))
+            elif e["action"] == "free_requested" and e["addr"] in live:
+                cur -= live.pop(e["addr"])
+        phase = next((p for p, n in self.marks if n > best[1]), "?")
+        sizes = {}
+        for size in best[2].values():
+            sizes[size] = sizes.get(size, 0) + 1
+        top = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:14]
+        return (f"  at the step's highest point ({phase} phase) {best[0] / 1e9:.2f} GB more than at its start, in "
+                f"{len(best[2])} blocks; the largest kinds, MB x count: "
+                + ", ".join(f"{s / 1e6:.1f} x {n}" for s, n in top))
 
     def __enter__(self):
         e, self.real = self.engine, (model.chunked_cross_entropy, self.engine.backward, self.engine.step)
@@ -65,11 +88,14 @@ class PhasePeaks:
 
         model.chunked_cross_entropy, e.backward, e.step = ce, backward, step
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(context=None, max_entries=10 ** 7)
         return self
 
     def __exit__(self, *exc):
         model.chunked_cross_entropy = self.real[0]
         del self.engine.backward, self.engine.step  # the class's methods again
+        self.trace = torch.cuda.memory._snapshot()["device_traces"][0]
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def nbytes(tensors):
@@ -103,6 +129,7 @@ def main(argv):
             print(f"\n==== memory of step {MEMORY_STEP}: {before / 1e9:.2f} GB allocated before it; peak in each phase:"
                   f" {' | '.join(f'{k} {v / 1e9:.2f} GB' for k, v in peaks.peaks.items())} ====")
             print(f"  resident before the step, GB: {resident(engine)}")
+            print(peaks.alive_at_peak(peaks.trace))
             return out
         if calls["n"] == FIRST:
             sync()

@@ -5,6 +5,7 @@
 #      .whl/llama3_tokenizer.model
 # and openpyxl for eval_mmbench.py: pip download --no-deps -d .whl openpyxl et-xmlfile
 #   OUT=... bash bench/round4.sh train    # train.py jobs (bench/train_runs.sh) + HF's QLoRA step, as XTuner sets it up
+#                                         # (HF_PT=1: HF's pretrain step too, micro-batch 32 as XTuner)
 #   OUT=... bash bench/round4.sh chat     # eval_mmbench.py, then chat.py itself vs transformers, on one random-weight
 #                                         # 8B folder; PRE_CHAT="JOB ..." runs train_runs.sh jobs between the two,
 #                                         # NO_HF_EAGER=1 leaves out HF's eager chat
@@ -17,6 +18,8 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 OM
 case ${1:-train} in
   train)
     RUN_TIMEOUT=${RUN_TIMEOUT:-130} bash bench/train_runs.sh "${JOBS:-qlora quant-pt pt qlora-fp16}" 2>&1 | tee "$OUT/train_runs.txt"
+    [ -n "${HF_PT:-}" ] && { timeout 150 python3 bench/train_bench.py --side hf --workload pretrain --steps 5 \
+      --out "$OUT/train_bench.jsonl" > "$OUT/hf-pretrain.log" 2>&1; echo "hf pretrain: rc=$?"; tail -1 "$OUT/hf-pretrain.log"; }
     for v in "" "--no-kbit-prep"; do
       timeout 150 python3 bench/train_bench.py --side hf --workload qlora --steps 5 $v --out "$OUT/train_bench.jsonl" \
         > "$OUT/hf-qlora$v.log" 2>&1; echo "hf qlora $v: rc=$?"; tail -3 "$OUT/hf-qlora$v.log"

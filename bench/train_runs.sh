@@ -38,8 +38,10 @@ run() { name=$1; shift; start=$(date +%s)
 QLORA="@recipes/qlora-finetune-gpu1.args --init-from= --max-length 2048 --accumulation 4"
 # the stage-1 recipe on one GPU (frozen NF4 LLM, projector trained) at its longest sample: 1 x 2048
 QPT="@recipes/quant-pretrain-gpu1.args --max-length 2048 --accumulation 4"
-# the 8-GPU pretrain recipe's per-GPU work: 576 image positions + 64 text, micro-batch 32, accumulation 1
-PT="@recipes/pretrain.args --max-length 640 --micro-batch 32 --accumulation 1 --max-steps 20"
+# the 8-GPU pretrain recipe's per-GPU work: 576 image positions + 64 text, 2 micro-batches of 16 (PT32: XTuner's
+# one micro-batch of 32 with every block recomputed, the recipe until round 4's call 9)
+PT="@recipes/pretrain.args --max-length 640 --accumulation 2 --max-steps 15"
+PT32="@recipes/pretrain.args --max-length 640 --micro-batch 32 --accumulation 1 --activation-checkpointing --max-steps 20"
 for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
   # ---- round 4
   qlora) run qlora $QLORA --max-steps 10 ;;
@@ -50,6 +52,11 @@ for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
   # the single-GPU recipe's memory levers, one at a time: the embedding table on the GPU, 512-position loss chunks
   qlora-gpuemb) run qlora-gpuemb $QLORA --max-steps 10 --no-cpu-embeddings ;;
   qlora-chunk512) run qlora-chunk512 $QLORA --max-steps 10 --loss-chunk 512 ;;
+  # the adapters' dropout left to nn.Dropout (bool mask + dropped copy of x kept for each of the 7 adapters), and the
+  # previous one-GPU bucket of 5e7 elements (train.py now gives 1e7)
+  qlora-plaindrop) run qlora-plaindrop $QLORA --max-steps 10 --plain-lora-dropout ;;
+  qlora-b5e7) echo '{"zero_optimization": {"reduce_bucket_size": 50000000}}' > /tmp/b5e7.json
+        run qlora-b5e7 $QLORA --max-steps 10 --deepspeed /tmp/b5e7.json ;;
   # calls 1-4 of round 4: DeepSpeed overlapping the gradient copies in two buckets as large as the 188,751,872
   # trainable parameters (train.py now gives one GPU one 5e7 bucket), the table on the GPU, 512-position chunks
   qlora-prev) echo '{"zero_optimization": {"overlap_comm": true, "reduce_bucket_size": 188751872}}' > /tmp/prev.json
@@ -65,12 +72,13 @@ for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
   # and recomputing a block adds half of its work: 11 of 32 recomputed (round 3's setting) is 17% more work than
   # none. Fewer recomputed blocks at micro-batch 32 (each keeps its activations), or a smaller micro-batch with
   # fewer or none (the recipe's global batch stays; a GEMM still has 16 x 640 rows)
-  pt) run pt $PT --checkpoint-layers 11 ;;
-  pt-all) run pt-all $PT ;;  # the recipe as typed: every block recomputed
-  pt-c8) run pt-c8 $PT --checkpoint-layers 8 ;;
-  pt-c5) run pt-c5 $PT --checkpoint-layers 5 ;;
-  pt-mb24) run pt-mb24 $PT --micro-batch 24 --checkpoint-layers 4 --max-steps 25 ;;
-  pt-mb16) run pt-mb16 $PT --micro-batch 16 --no-activation-checkpointing --max-steps 30 ;;
+  pt) run pt $PT ;;  # the recipe as typed: micro-batch 16, nothing recomputed
+  pt-c11) run pt-c11 $PT32 --checkpoint-layers 11 ;;
+  pt-all) run pt-all $PT32 ;;
+  pt-c8) run pt-c8 $PT32 --checkpoint-layers 8 ;;
+  pt-c5) run pt-c5 $PT32 --checkpoint-layers 5 ;;
+  pt-mb24) run pt-mb24 $PT32 --micro-batch 24 --checkpoint-layers 4 --max-steps 25 ;;
+  pt-mb16) run pt-mb16 $PT32 --micro-batch 16 --no-activation-checkpointing --max-steps 30 ;;
   # ---- round 3's jobs (BENCHMARKS.md); --compile is now the default on a GPU, --no-compile gives round 3's plain runs
   lora) run lora $QLORA --lora --max-steps 20 --no-compile ;;
   lora-compile) run lora-compile $QLORA --lora --max-steps 12 --compile ;;
@@ -81,6 +89,17 @@ for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
         run lora-nooverlap $QLORA --lora --max-steps 12 --no-compile --deepspeed /tmp/no_overlap.json ;;
   # the optimizer's fp32 master weights and moments in CPU memory (DeepSpeed's CPU Adam)
   qlora-offload) run qlora-offload $QLORA --max-steps 10 --deepspeed deepspeed_zero2_offload ;;
+  # step 3's memory only (no torch.profiler): each phase's peak, and what is alive at the step's highest point
+  qlora-mem) timeout ${RUN_TIMEOUT:-150} python3 bench/profile_train.py $QLORA --max-steps 3 $B \
+        --out "$OUT/qlora-mem" > "$OUT/qlora-mem.log" 2>&1; echo "qlora-mem: rc=$?"; grep -a -A2 "==== memory" "$OUT/qlora-mem.log" ;;
+  qlora-mem-plain) timeout ${RUN_TIMEOUT:-150} python3 bench/profile_train.py $QLORA --max-steps 3 $B --plain-lora-dropout \
+        --out "$OUT/qlora-mem-plain" > "$OUT/qlora-mem-plain.log" 2>&1; echo "qlora-mem-plain: rc=$?"
+        grep -a -A2 "==== memory" "$OUT/qlora-mem-plain.log" ;;
+  # DeepSpeed's gradient staging on one GPU: with its contiguous gradient buffer (train.py turns it off on one GPU
+  # since round 4's call 8), and ZeRO-1
+  qlora-contig) echo '{"zero_optimization": {"contiguous_gradients": true}}' > /tmp/contig.json
+        run qlora-contig $QLORA --max-steps 10 --deepspeed /tmp/contig.json ;;
+  qlora-z1) run qlora-z1 $QLORA --max-steps 10 --deepspeed deepspeed_zero1 ;;
   # the bf16 LoRA run under torch.profiler (plain python: one process)
   lora-profile) timeout 300 python3 bench/profile_train.py $QLORA --lora --no-compile --max-steps 7 $B \
         --out "$OUT/lora-profile" > "$OUT/lora-profile.log" 2>&1; echo "lora-profile: rc=$?"

@@ -4,7 +4,8 @@
         --vision clip-vit-l-14-336 --synthetic 20000 --max-length 640 --max-steps 30 --out OUT
     torchrun --nproc_per_node 2 bench/train_synthetic.py ...                           (several GPUs)
 
-Every flag is train.py's, plus --synthetic N, with three differences, each a seam of train.train:
+Every flag is train.py's, plus --synthetic N (and --plain-lora-dropout, for comparison), with three differences, each a seam
+of train.train:
 - --llm / --vision may name a size (llama.CONFIGS, clip.CONFIGS: llama-3-8b, clip-vit-l-14-336, tiny) as well as a
   folder, and the weights are random (the constructors' initialisation: Llama's N(0, 0.02)), drawn on the GPU in the
   training dtype, so an 8B model needs neither a download nor an fp32 copy;
@@ -92,7 +93,11 @@ def random_model(cfg, dtype, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
     p.add_argument("--synthetic", type=int, required=True, metavar="N", help="samples of --max-length positions")
+    p.add_argument("--plain-lora-dropout", action="store_true",
+                   help="leave LoRA's dropout to nn.Dropout (train.py packs its masks: extras/lora_dropout.py)")
     ours, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if ours.plain_lora_dropout:
+        train.pack_lora_dropout = lambda model: 0
     with tempfile.TemporaryDirectory() as sizes:
         args = train.parse_args([*rest, "--data", f"<{ours.synthetic} synthetic samples>"])
         if args.eval_image or (args.stage == "sft" and args.eval_prompt):

@@ -106,8 +106,12 @@ def deepspeed_config(args, trainable=None, world_size=None):
     if stage in (1, 2) and trainable:
         # ZeRO-1/2 allocate their gradient buckets at full size (two with overlap_comm), 5e8 elements by default:
         # 2 GB in bf16 for a run that trains 20M (projector) or 189M (LoRA) parameters: no bucket need be larger.
-        # On one GPU a bucket is only a staging copy with nothing to communicate, so a small one does
-        zero["reduce_bucket_size"] = min(50_000_000 if alone else 500_000_000, trainable)
+        # On one GPU a bucket is only a staging copy with nothing to communicate, so a small one does (20 MB in bf16)
+        zero["reduce_bucket_size"] = min(10_000_000 if alone else 500_000_000, trainable)
+    if stage in (1, 2) and alone:
+        # ZeRO's contiguous gradient buffer is a second copy of every gradient, allocated whole at each micro-batch's
+        # backward beside the sums of the earlier micro-batches; with nothing to communicate, autograd's own will do
+        zero["contiguous_gradients"] = False
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:

@@ -117,6 +117,68 @@ def test_dropout_only_on_adapter_input():
     assert isinstance(no_drop.dropout, nn.Identity)
 
 
+
+def test_packed_dropout_is_nn_dropout():
+    """extras.lora_dropout: on a CPU it draws nn.Dropout's very mask (bernoulli_(1 - p) on a tensor like x), so the
+    output and every gradient must equal the plain layer's under the same seed."""
+    from extras.lora_dropout import DropoutLinear, pack_lora_dropout
+
+    base = nn.Linear(32, 24)
+    plain = lora.LoRALinear.from_linear(base, r=4, alpha=8, dropout=0.3).train()
+    randomize_adapters(plain)
+    packed = copy.deepcopy(plain)
+    assert pack_lora_dropout(packed) == 1
+    assert isinstance(packed.lora_A, DropoutLinear) and isinstance(packed.dropout, nn.Identity)
+    assert [n for n, _ in packed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    x = torch.randn(2, 5, 32)
+    results = []
+    for layer in (plain, packed):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, 24)).sum().backward()
+        results.append((y, xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    assert (results[0][0] != base(x)).any()  # the adapter and its dropout are in play
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
+    packed.eval()
+    torch.testing.assert_close(packed(x), base(x) + (x @ packed.lora_A.weight.T) @ packed.lora_B.weight.T * 2)
+
+
+def test_packed_dropout_keeps_one_bit_per_element():
+    """What backward keeps of q, k and v's three adapters on one input x: x once and three 1-bit masks, where autograd
+    keeps three dropped copies of x and three masks (on a CPU nn.Dropout keeps its mask as a scaled copy in x's dtype,
+    on a GPU as bool), plus, in both, each adapter's r-wide A output. Parameters are not counted."""
+    from extras.lora_dropout import pack_bits, pack_lora_dropout, unpack_bits
+
+    keep = torch.rand(3, 64) > 0.5
+    assert pack_bits(keep).shape == (3, 8) and torch.equal(unpack_bits(pack_bits(keep)), keep)
+    r, n, d = 4, 128, 64
+    layers = [lora.LoRALinear.from_linear(nn.Linear(d, d, bias=False), r=r, alpha=8, dropout=0.1).train()
+              for _ in range(3)]
+
+    def saved_bytes(x):
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sum(layer(x).sum() for layer in layers)
+        return sum(storages.values())
+
+    x = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
+    for layer in layers:
+        layer.to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
+    a_outputs = 3 * n * r * 2
+    assert saved_bytes(x) == 3 * (n * d * 2 + n * d * 2) + a_outputs
+    for layer in layers:
+        pack_lora_dropout(layer)
+    assert saved_bytes(x) == n * d * 2 + 3 * n * d // 8 + a_outputs
+
 # ----------------------------------------------------------------------------------------------------------------
 # NF4 (QLoRA)
 

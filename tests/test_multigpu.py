@@ -122,7 +122,7 @@ def load_recipe(name, world_size, *extra):
 
 @pytest.mark.parametrize("name, micro, glob, acc_by_gpus", [
     # accumulation = global / (micro x GPUs), by hand; on 8 GPUs these are XTuner's own
-    ("pretrain", 32, 256, {1: 8, 2: 4, 4: 2, 8: 1}),
+    ("pretrain", 16, 256, {1: 16, 2: 8, 4: 4, 8: 2}),
     ("sharegpt4v-pretrain", 16, 256, {1: 16, 2: 8, 4: 4, 8: 2}),
     ("finetune-full-vitlora", 8, 128, {1: 16, 2: 8, 4: 4, 8: 2}),
     ("internvl-finetune", 4, 128, {1: 32, 2: 16, 4: 8, 8: 4}),
@@ -137,9 +137,9 @@ def test_recipe_global_batch_on_1_2_4_8_gpus(name, micro, glob, acc_by_gpus):
 def test_recipe_global_batch_that_cannot_divide():
     with pytest.raises(SystemExit, match=r"--global-batch 128 is not divisible by --micro-batch 8 x 3 processes = 24"):
         load_recipe("finetune-full-vitlora", 3)
-    with pytest.raises(SystemExit, match=r"--global-batch 256 is not divisible by --micro-batch 32 x 16 processes"):
-        load_recipe("pretrain", 16)  # 2 nodes of 8: micro 32 x 16 = 512 > 256; the fix is --micro-batch 16
-    assert load_recipe("pretrain", 16, "--micro-batch", "16").accumulation == 1
+    with pytest.raises(SystemExit, match=r"--global-batch 256 is not divisible by --micro-batch 16 x 32 processes"):
+        load_recipe("pretrain", 32)  # 4 nodes of 8: micro 16 x 32 = 512 > 256; the fix is --micro-batch 8
+    assert load_recipe("pretrain", 32, "--micro-batch", "8").accumulation == 1
 
 
 def test_xtuner_deepspeed_names():

@@ -28,7 +28,7 @@ INTERNVL = [f"{IV}sharegpt4v_instruct_gpt4-vision_cap100k.jsonl:{IV}data",
 # XTuner's configs: micro-batch, accumulation and GPUs as XTuner runs them; max length + 576 image positions
 # name: (stage, llm_mode, vision_lora, micro, acc, gpus, global, lr, max_len, save/eval, image_mode, data, folder)
 TABLE = {
-    "pretrain": ("pretrain", "frozen", False, 32, 1, 8, 256, 1e-3, 1472 + 576, 500, "crop",
+    "pretrain": ("pretrain", "frozen", False, 16, 2, 8, 256, 1e-3, 1472 + 576, 500, "crop",  # XTuner: 32 x 1
                  [P + "blip_laion_cc_sbu_558k.json"], P + "images"),
     "sharegpt4v-pretrain": ("pretrain", "frozen", False, 16, 2, 8, 256, 1e-3, 3520 + 576, 1000, "crop",
                             ["./data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json"], "./data/sharegpt4v/data"),
@@ -68,8 +68,9 @@ def test_recipe_matches_xtuner(name):
     # XTuner's common settings (§4.1): AdamW (0.9, 0.999), no weight decay, clip 1.0, 3% warmup, one epoch, 2 kept
     assert (tuple(a.betas), a.weight_decay, a.grad_clip, a.warmup_ratio, a.epochs, a.save_total_limit) == (
         (0.9, 0.999), 0.0, 1.0, 0.03, 1, 2)
+    # XTuner recomputes every block; our pretrain recipe's micro-batch of 16 needs no recomputation on 80 GB cards
     assert (a.template, a.select_layer, a.deepspeed, a.dtype, a.activation_checkpointing) == (
-        "llama3_chat", -2, "deepspeed_zero2", "bf16", True)
+        "llama3_chat", -2, "deepspeed_zero2", "bf16", name != "pretrain")
     assert a.num_workers == (0 if "gpu1" in name else 4)
     assert a.init_from == INIT_FROM.get(name)
     if mode == "qlora":

@@ -172,10 +172,12 @@ def test_deepspeed_config_merge(tmp_path):
     assert train.deepspeed_config(a, trainable=10 ** 10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     # one process: nothing to overlap or communicate, so one small staging bucket instead of two full-size ones
     alone = train.deepspeed_config(a, trainable=10 ** 10, world_size=1)["zero_optimization"]
-    assert alone["overlap_comm"] is False and alone["reduce_bucket_size"] == 50_000_000
+    assert alone["overlap_comm"] is False and alone["reduce_bucket_size"] == 10_000_000
+    assert alone["contiguous_gradients"] is False
     assert train.deepspeed_config(a, trainable=1234, world_size=1)["zero_optimization"]["reduce_bucket_size"] == 1234
     several = train.deepspeed_config(a, trainable=10 ** 10, world_size=2)["zero_optimization"]
     assert several["overlap_comm"] is True and several["reduce_bucket_size"] == 500_000_000
+    assert "contiguous_gradients" not in several  # DeepSpeed's default (True)
     a.deepspeed = "deepspeed_zero3"  # ZeRO-3 sizes its buckets by itself
     assert "reduce_bucket_size" not in train.deepspeed_config(a, trainable=1234)["zero_optimization"]
     a.deepspeed = "deepspeed_zero0"
