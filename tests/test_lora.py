@@ -127,9 +127,14 @@ def test_packed_dropout_is_nn_dropout():
     plain = lora.LoRALinear.from_linear(base, r=4, alpha=8, dropout=0.3).train()
     randomize_adapters(plain)
     packed = copy.deepcopy(plain)
+    weight = packed.lora_A.weight
     assert pack_lora_dropout(packed) == 1
     assert isinstance(packed.lora_A, DropoutLinear) and isinstance(packed.dropout, nn.Identity)
     assert [n for n, _ in packed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert packed.lora_A.weight is weight and pack_lora_dropout(packed) == 0  # the same Parameter; moved once
+    # left to nn.Dropout: no dropout at all, or an input width the bit packing cannot split into bytes
+    assert pack_lora_dropout(lora.LoRALinear.from_linear(nn.Linear(32, 4), r=2, alpha=4, dropout=0.0)) == 0
+    assert pack_lora_dropout(lora.LoRALinear.from_linear(nn.Linear(12, 4), r=2, alpha=4, dropout=0.1)) == 0
     x = torch.randn(2, 5, 32)
     results = []
     for layer in (plain, packed):
