@@ -32,6 +32,9 @@ run() { name=$1; shift; start=$(date +%s)
   echo "$name: rc=$? in $(( $(date +%s) - start )) s"
   grep -E "^step|^stage|^compiling|Error" "$OUT/$name.log" | tail -6
   [ -s "$OUT/$name/metrics.jsonl" ] && summary "$name"; }
+memory() { name=$1; shift  # step 3's memory (bench/profile_train.py stopped before its time profile)
+  timeout ${RUN_TIMEOUT:-150} python3 bench/profile_train.py "$@" --max-steps 3 $B --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+  echo "$name: rc=$?"; grep -a -A2 "==== memory" "$OUT/$name.log"; }
 # the single-GPU QLoRA recipe at its real shape, 1 x 2048 positions (576 image + 1,472 text); accumulation 4 instead
 # of 128 for a short run (memory does not depend on it). The synthetic sample supervises 736 positions, more than one
 # 512-position loss chunk, so the loss's memory is already at its bound for any sample.
@@ -90,13 +93,10 @@ for job in ${@:-qlora quant-pt pt qlora-fp16}; do case $job in
   # the optimizer's fp32 master weights and moments in CPU memory (DeepSpeed's CPU Adam)
   qlora-offload) run qlora-offload $QLORA --max-steps 10 --deepspeed deepspeed_zero2_offload ;;
   # step 3's memory only (no torch.profiler): each phase's peak, and what is alive at the step's highest point
-  qlora-mem) timeout ${RUN_TIMEOUT:-150} python3 bench/profile_train.py $QLORA --max-steps 3 $B \
-        --out "$OUT/qlora-mem" > "$OUT/qlora-mem.log" 2>&1; echo "qlora-mem: rc=$?"; grep -a -A2 "==== memory" "$OUT/qlora-mem.log" ;;
-  qlora-mem-plain) timeout ${RUN_TIMEOUT:-150} python3 bench/profile_train.py $QLORA --max-steps 3 $B --plain-lora-dropout \
-        --out "$OUT/qlora-mem-plain" > "$OUT/qlora-mem-plain.log" 2>&1; echo "qlora-mem-plain: rc=$?"
-        grep -a -A2 "==== memory" "$OUT/qlora-mem-plain.log" ;;
+  qlora-mem) memory qlora-mem $QLORA ;;
+  qlora-mem-plain) memory qlora-mem-plain $QLORA --plain-lora-dropout ;;
   # DeepSpeed's gradient staging on one GPU: with its contiguous gradient buffer (train.py turns it off on one GPU
-  # since round 4's call 8), and ZeRO-1
+  # since round 4's call 9), and ZeRO-1
   qlora-contig) echo '{"zero_optimization": {"contiguous_gradients": true}}' > /tmp/contig.json
         run qlora-contig $QLORA --max-steps 10 --deepspeed /tmp/contig.json ;;
   qlora-z1) run qlora-z1 $QLORA --max-steps 10 --deepspeed deepspeed_zero1 ;;
