@@ -22,19 +22,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import model as M  # noqa: E402
-from extras.fast_inference import GraphedDecodeStep, fuse_projections  # noqa: E402
+from extras.fast_inference import GraphedDecodeStep, compile_for_decoding, fuse_projections  # noqa: E402
 
 
 def extra_args(p):
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--eval-batches", default="16,32")
+    p.add_argument("--eval-batches", default="16,32", help="batch sizes of the eval timing ('': none)")
     p.add_argument("--eval-new-tokens", type=int, default=8)
     p.add_argument("--profile", nargs="?", const="all", default="",
                    help="ours: after a variant's timings, time 16 decode steps and print their top kernels per step "
                         "(comma-separated variants; a bare --profile: every variant)")
     p.add_argument("--variants", default="eager,cuda_graph,cuda_graph_sync8,compiled_sync8",
                    help="ours, run in this order on one model; a name is words joined by _: eager (no graph) or "
-                        "cuda_graph (GraphedDecodeStep) or compiled (Llama.compile_blocks + compiled CLIP layers, "
+                        "cuda_graph (GraphedDecodeStep) or compiled (compile_for_decoding + compiled CLIP layers, "
                         "and GraphedDecodeStep), then optionally fused (Llama.fuse_projections), sync8 "
                         "(generate(sync_every=8)). Compiling and fusing last for good, so variants without them "
                         "come first, e.g. compiled_sync8,compiled_fused_sync8")
@@ -154,7 +154,7 @@ def run_ours(args, P, vcfg, lcfg):
         if v["fused"] and not net.llm.fused:
             fuse_projections(net.llm)  # compiled blocks recompile for the new layers (dynamo guards on them)
         if v["compiled"] and not compiled:
-            net.llm.compile_blocks()
+            compile_for_decoding(net.llm)  # as chat.py: the blocks and the LM head
             for layer in net.vision.layers:  # the CLIP layers, compiled like the decoder blocks
                 layer.compile()
             compiled = True
@@ -173,7 +173,7 @@ def run_ours(args, P, vcfg, lcfg):
             profile_decode(args, net, step_fn, len(chat[0]), f"ours, batch 1, {name}")
     name, v = variants[-1]
     sync_every = v["sync_every"]
-    for B in (int(b) for b in args.eval_batches.split(",")):
+    for B in (int(b) for b in args.eval_batches.split(",") if b):
         qs = prompts(P, 0, [60 + (i * 37) % 41 for i in range(B)], -200, lcfg.vocab_size, seed=B)
         pix = C.pixels(B, vcfg.image_size, args.device, seed=B)
         graph_step = GraphedDecodeStep() if v["graph"] and graphs else None  # its own graph for this batch's cache
@@ -230,7 +230,7 @@ def run_hf(args, P, vcfg, lcfg):
     C.emit(args, bench="chat", variant="hf_generate", ttft_ms=round(ttft * 1e3, 2),
            decode_tok_s=round(clock.decode_rate(), 2), new_tokens=len(clock.times), prompt_positions=len(chat[0]),
            peak_gb=round(C.peak_gb(args.device), 2), versions=C.versions())
-    for B in (int(b) for b in args.eval_batches.split(",")):
+    for B in (int(b) for b in args.eval_batches.split(",") if b):
         qs = prompts(P, 0, [60 + (i * 37) % 41 for i in range(B)], C.HF_IMAGE_TOKEN, lcfg.vocab_size, seed=B)
         pix = C.pixels(B, vcfg.image_size, args.device, seed=B)
         gen(qs, pix, args.eval_new_tokens)

@@ -4,6 +4,7 @@ greedy, bf16, 256 new tokens).
 
     python bench/chat_cli.py write DIR --tokenizer tokenizer.model   # random-weight 8B LLaVA, HF layout (16.7 GB)
     python bench/chat_cli.py ours DIR [--extra "--no-compile"]       # chat.py DIR: its own --stats line per answer
+    python bench/chat_cli.py ours DIR --variant before               # chat.py compiled another way (chat_variant.py)
     python bench/chat_cli.py hf DIR --mode eager                     # generate(), dynamic cache (XTuner's chat)
     python bench/chat_cli.py hf DIR --mode static-compile            # static cache + torch.compile'd decoding
 
@@ -67,7 +68,8 @@ def write(args):
 def ours(args):
     image = picture(Path(args.dir) / "probe.png")
     stdin = "".join(f"{QUESTION}\nRESET\n" for _ in range(args.repeat))
-    cmd = [sys.executable, "chat.py", "--model", args.dir, "--image", str(image), "--temperature", "0",
+    script = ["bench/chat_variant.py", args.variant] if args.variant else ["chat.py"]
+    cmd = [sys.executable, *script, "--model", args.dir, "--image", str(image), "--temperature", "0",
            "--max-new-tokens", str(args.new_tokens), "--stats", *args.extra.split()]
     t = time.perf_counter()
     run = subprocess.run(cmd, input=stdin, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
@@ -76,7 +78,8 @@ def ours(args):
     if run.returncode or not stats:
         sys.exit(f"chat.py failed (rc {run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
     warm = stats[args.warmup:]
-    emit(args.out, bench="chat_cli", side="ours", variant=args.extra or "default",
+    variant = " ".join(filter(None, [args.variant, args.extra])) or "default"
+    emit(args.out, bench="chat_cli", side="ours", variant=variant,
          prefill=int(stats[0][0]), new_tokens=[int(s[2]) for s in stats],
          first_answers=[{"ttft_ms": s[1], "tok_s": s[3]} for s in stats[:args.warmup]],
          ttft_ms=statistics.median(s[1] for s in warm), tok_s=statistics.median(s[3] for s in warm),
@@ -138,6 +141,7 @@ def main():
     p.add_argument("--tokenizer", help="write: Meta's Llama-3 tokenizer.model")
     p.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: for checking the script")
     p.add_argument("--extra", default="", help="ours: more chat.py flags, e.g. '--no-compile'")
+    p.add_argument("--variant", default="", help="ours: run bench/chat_variant.py VARIANT instead of chat.py")
     p.add_argument("--mode", default="eager", choices=["eager", "static-compile"], help="hf: how transformers decodes")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeat", type=int, default=5, help="answers timed (each a new conversation)")

@@ -5,7 +5,12 @@
 #      .whl/llama3_tokenizer.model
 # and openpyxl for eval_mmbench.py: pip download --no-deps -d .whl openpyxl et-xmlfile
 #   OUT=... bash bench/round4.sh train    # train.py jobs (bench/train_runs.sh) + HF's QLoRA step, as XTuner sets it up
-#                                         # (HF_PT=1: HF's pretrain step too, micro-batch 32 as XTuner)
+#                                         # and without kbit preparation; HF="..." picks HF's runs among pretrain,
+#                                         # qlora, qlora-nokbit, quant_pretrain (HF_PT=1: pretrain added)
+#   OUT=... bash bench/round4.sh decode   # chat.py itself, chat.py compiled as before (bench/chat_variant.py), HF's
+#                                         # static-cache + compile and eager chat, then a profile of the decode step
+#   OUT=... bash bench/round4.sh eval     # eval_mmbench.py, then the same questions through transformers
+#                                         # (bench/eval_hf.py): one at a time as XTuner asks them, and batched
 #   OUT=... bash bench/round4.sh chat     # eval_mmbench.py, then chat.py itself vs transformers, on one random-weight
 #                                         # 8B folder; PRE_CHAT="JOB ..." runs train_runs.sh jobs between the two,
 #                                         # NO_HF_EAGER=1 leaves out HF's eager chat
@@ -18,12 +23,36 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 OM
 case ${1:-train} in
   train)
     RUN_TIMEOUT=${RUN_TIMEOUT:-130} bash bench/train_runs.sh "${JOBS:-qlora quant-pt pt qlora-fp16}" 2>&1 | tee "$OUT/train_runs.txt"
-    [ -n "${HF_PT:-}" ] && { timeout 150 python3 bench/train_bench.py --side hf --workload pretrain --steps 5 \
-      --out "$OUT/train_bench.jsonl" > "$OUT/hf-pretrain.log" 2>&1; echo "hf pretrain: rc=$?"; tail -1 "$OUT/hf-pretrain.log"; }
-    for v in "" "--no-kbit-prep"; do
-      timeout 150 python3 bench/train_bench.py --side hf --workload qlora --steps 5 $v --out "$OUT/train_bench.jsonl" \
-        > "$OUT/hf-qlora$v.log" 2>&1; echo "hf qlora $v: rc=$?"; tail -3 "$OUT/hf-qlora$v.log"
+    for run in ${HF_PT:+pretrain} ${HF:-qlora qlora-nokbit}; do  # pretrain: micro-batch 32, as XTuner
+      case $run in qlora-nokbit) w="qlora --no-kbit-prep" ;; *) w=$run ;; esac
+      timeout 150 python3 bench/train_bench.py --side hf --workload $w --steps 5 --out "$OUT/train_bench.jsonl" \
+        > "$OUT/hf-$run.log" 2>&1; echo "hf $run: rc=$?"; tail -1 "$OUT/hf-$run.log"
     done ;;
+  decode)  # chat.py as users run it, against its earlier compilation and HF, on one random-weight 8B folder
+    M=/tmp/llava8b
+    [ -d $M ] || { python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -1 "$OUT/chat-write.log"; }
+    for v in "" ${VARIANTS:-before}; do
+      timeout 150 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} --out "$OUT/chat.jsonl" \
+        > "$OUT/chat-ours${v:+-$v}.log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$OUT/chat-ours${v:+-$v}.log"
+    done
+    timeout 130 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
+      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -1 "$OUT/chat-hf-static.log"
+    # the decode step's kernels, compiled as chat.py compiles it (the CLIP layers compiled too: prefill only)
+    timeout 150 python3 bench/chat_bench.py --side ours --variants compiled_fused_sync8 --profile --eval-batches "" \
+      > "$OUT/chat-profile.log" 2>&1; echo "profile: rc=$?"; grep -a -A14 "==== decode profile" "$OUT/chat-profile.log"
+    timeout 90 python3 bench/chat_cli.py hf $M --mode eager --repeat 2 --warmup 1 --out "$OUT/chat.jsonl" \
+      > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -1 "$OUT/chat-hf-eager.log" ;;
+  eval)  # questions/s of eval_mmbench.py and of transformers on the same questions, prompts and pictures
+    M=/tmp/llava8b
+    [ -d $M ] || { python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -1 "$OUT/chat-write.log"; }
+    python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1
+    D="--data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --max-new-tokens 8"
+    timeout 80 python3 eval_mmbench.py --model $M $D --batch-size 32 --out "$OUT/eval" > "$OUT/eval.log" 2>&1
+    echo "eval ours, batch 32: rc=$?"; grep -a "answered" "$OUT/eval.log"
+    timeout 90 python3 bench/eval_hf.py --model $M $D --batch-size 32 --out "$OUT/eval-hf32" > "$OUT/eval-hf32.log" 2>&1
+    echo "eval hf, batch 32: rc=$?"; grep -a "answered" "$OUT/eval-hf32.log"
+    timeout 100 python3 bench/eval_hf.py --model $M --data /tmp/dd/eval.tsv --max-new-tokens 8 --batch-size 1 \
+      --out "$OUT/eval-hf1" > "$OUT/eval-hf1.log" 2>&1; echo "eval hf, batch 1 (eval.tsv): rc=$?"; grep -a "answered" "$OUT/eval-hf1.log" ;;
   chat)  # eval_mmbench.py's questions/s (an MMBench-format and a yes/no set, 8 new tokens), then chat, on one folder
     M=/tmp/llava8b
     python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -2 "$OUT/chat-write.log"

@@ -5,6 +5,7 @@ set up as XTuner sets it up), one workload per process.
     python bench/train_bench.py --side hf   --workload pretrain_long       # 2048 positions, micro-batch 8
     python bench/train_bench.py --side ours --workload qlora               # NF4 + double quant, LoRA r64, 1 x 2048
     python bench/train_bench.py --side ours --workload lora --ckpt-layers 0  # bf16 LoRA without recomputation
+    python bench/train_bench.py --side hf   --workload quant_pretrain      # NF4 LLM frozen, projector, 1 x 2048
     add --tiny to run the same code at tiny shapes on the CPU.
 
 A step is: forward (ours returns (loss_sum, n_tokens): loss = sum / n; HF returns the token-mean loss), backward,
@@ -33,6 +34,9 @@ WORKLOADS = {  # image positions per sample come from the CLIP config (576, or 6
     "pretrain_long": ((2048 - 576, 39, 8), (192, 39, 2)),
     "qlora": ((2048 - 576, 733, 1), (192, 64, 1)),
     "lora": ((2048 - 576, 733, 1), (192, 64, 1)),
+    # the quantized-LLM pretrain recipe: the LLM in NF4 (double quant) and frozen, the projector trained; HF only
+    # (ours is train.py itself: bench/train_runs.sh quant-pt)
+    "quant_pretrain": ((2048 - 576, 733, 1), (192, 64, 1)),
 }
 LORA = dict(r=64, alpha=16, dropout=0.05)  # XTuner's llama3 LLaVA LoRA settings
 
@@ -103,6 +107,8 @@ def quantize_hf_nf4(net, device):
 def setup_hf(args):
     net = C.build_hf(args.tiny, args.device)
     inner = net.model
+    if args.workload == "quant_pretrain":  # XTuner: the LLM loaded in 4 bits, no LoRA, so no kbit preparation
+        quantize_hf_nf4(net, args.device)
     if args.workload in ("qlora", "lora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -206,6 +212,8 @@ def main():
     P = vcfg.num_patches
     T = P + n_text
     t0 = time.perf_counter()
+    if args.side == "ours" and args.workload == "quant_pretrain":
+        raise SystemExit("--workload quant_pretrain is HF's side only; ours is train.py: bench/train_runs.sh quant-pt")
     net = setup_ours(args) if args.side == "ours" else setup_hf(args)
     image_id = -200 if args.side == "ours" else C.HF_IMAGE_TOKEN
     ids, labels = C.sample_ids(P, n_text - 5, n_sup, mb, lcfg.vocab_size, args.device, image_id)

@@ -1,0 +1,28 @@
+"""chat.py with its compilation done another way, to compare a setting with chat.py's own in the same call:
+
+    python bench/chat_variant.py VARIANT [chat.py's flags]     (bench/chat_cli.py ours DIR --variant VARIANT)
+
+    before   the decoder blocks compiled with inductor's defaults and the LM head left eager: chat.py's setting
+             before extras.fast_inference.compile_for_decoding (cuBLAS for every batch-1 product)
+    blocks   DECODE_OPTIONS for the blocks, the LM head left eager
+
+Everything else is chat.py itself (chat.main): loading, fusing, the CUDA graph, sampling, --stats.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat  # noqa: E402
+from extras.fast_inference import DECODE_OPTIONS  # noqa: E402
+
+VARIANTS = {
+    "before": lambda llm: llm.compile_blocks(),
+    "blocks": lambda llm: llm.compile_blocks(options=DECODE_OPTIONS),
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
+        sys.exit(f"usage: chat_variant.py {{{','.join(VARIANTS)}}} [chat.py flags]")
+    chat.compile_for_decoding = VARIANTS[sys.argv[1]]
+    sys.exit(chat.main(sys.argv[2:]))
