@@ -2,9 +2,8 @@
 
     python bench/chat_variant.py VARIANT [chat.py's flags]     (bench/chat_cli.py ours DIR --variant VARIANT)
 
-    before   the decoder blocks compiled with inductor's defaults and the LM head left eager: chat.py's setting
-             before extras.fast_inference.compile_for_decoding (cuBLAS for every batch-1 product)
-    blocks   DECODE_OPTIONS for the blocks, the LM head left eager
+    before   the decoder blocks compiled with inductor's defaults: chat.py's setting before
+             extras.fast_inference.compile_for_decoding (cuBLAS for every batch-1 product)
 
 Everything else is chat.py itself (chat.main): loading, fusing, the CUDA graph, sampling, --stats.
 """
@@ -14,11 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
-from extras.fast_inference import DECODE_OPTIONS  # noqa: E402
 
 VARIANTS = {
     "before": lambda llm: llm.compile_blocks(),
-    "blocks": lambda llm: llm.compile_blocks(options=DECODE_OPTIONS),
 }
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from a CUDA graph. Neither changes an output beyond float rounding; neither is f
 
     fuse_projections(llm)   q/k/v and gate/up of every block stacked into one matrix each (Llama.forward then
                             takes one GEMM for each group; gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`)
-    compile_for_decoding(llm)  the blocks and the LM head compiled, batch-1 products as tuned Triton reductions
+    compile_for_decoding(llm)  the blocks compiled, their batch-1 products as tuned Triton reductions
     GraphedDecodeStep()     `generate(..., step_fn=GraphedDecodeStep())`: model.decode_step as one CUDA graph
 """
 
@@ -61,18 +61,18 @@ def fuse_projections(llm):
 
 # Inductor's settings for generation. With coordinate_descent_tuning, a matmul whose input has one row (every
 # projection of a batch-1 decode step: a matrix-vector product, bound by reading the weight) is written as inductor's
-# own Triton reduction, fused with the elementwise work around it, and its tile sizes are tuned by coordinate descent
-# on this GPU, instead of calling cuBLAS (BENCHMARKS.md, round 4, compares the two). Larger inputs (prefill, batched
-# eval) still go to cuBLAS. The tuning adds to the first answer's compilation.
+# own Triton reduction, fused with the RMSNorm or SwiGLU before it, and its tile sizes are tuned by coordinate
+# descent on this GPU, instead of calling cuBLAS, whose small GEMVs stream the weights more slowly (BENCHMARKS.md,
+# round 4, call 11, measures chat.py both ways). Larger inputs (prefill, batched eval) still go to cuBLAS. The tuning
+# lengthens the first answer's compilation; inductor caches its results on disk for the next run.
 DECODE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def compile_for_decoding(llm):
-    """torch.compile every decoder block and the LM head, in place, with DECODE_OPTIONS; returns llm. Outputs match
-    eager to bf16 rounding (the reductions accumulate in fp32)."""
-    llm.compile_blocks(options=DECODE_OPTIONS)
-    llm.lm_head.compile(options=DECODE_OPTIONS)
-    return llm
+    """torch.compile every decoder block in place with DECODE_OPTIONS; returns llm. Outputs match eager to bf16
+    rounding (the reductions accumulate in fp32). The LM head is left to cuBLAS: its one large GEMV already streams
+    about as fast as the best compiled product (the profile in BENCHMARKS.md)."""
+    return llm.compile_blocks(options=DECODE_OPTIONS)
 
 
 class GraphedDecodeStep:
