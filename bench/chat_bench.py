@@ -154,7 +154,7 @@ def run_ours(args, P, vcfg, lcfg):
         if v["fused"] and not net.llm.fused:
             fuse_projections(net.llm)  # compiled blocks recompile for the new layers (dynamo guards on them)
         if v["compiled"] and not compiled:
-            compile_for_decoding(net.llm)  # as chat.py: the blocks and the LM head
+            compile_for_decoding(net.llm)  # as chat.py compiles its blocks
             for layer in net.vision.layers:  # the CLIP layers, compiled like the decoder blocks
                 layer.compile()
             compiled = True

@@ -20,6 +20,10 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; } > "$OUT/machine.txt"
+M=/tmp/llava8b
+folder() {  # the random-weight 8B LLaVA folder (HF layout) that chat, eval and HF all read, written once per machine
+  [ -d $M ] || { python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1
+    tail -1 "$OUT/chat-write.log"; }; }
 case ${1:-train} in
   train)
     RUN_TIMEOUT=${RUN_TIMEOUT:-130} bash bench/train_runs.sh "${JOBS:-qlora quant-pt pt qlora-fp16}" 2>&1 | tee "$OUT/train_runs.txt"
@@ -29,8 +33,7 @@ case ${1:-train} in
         > "$OUT/hf-$run.log" 2>&1; echo "hf $run: rc=$?"; tail -1 "$OUT/hf-$run.log"
     done ;;
   decode)  # chat.py as users run it, against its earlier compilation and HF, on one random-weight 8B folder
-    M=/tmp/llava8b
-    [ -d $M ] || { python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -1 "$OUT/chat-write.log"; }
+    folder
     for v in "" ${VARIANTS:-before}; do
       timeout 150 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} --out "$OUT/chat.jsonl" \
         > "$OUT/chat-ours${v:+-$v}.log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$OUT/chat-ours${v:+-$v}.log"
@@ -43,8 +46,7 @@ case ${1:-train} in
     timeout 90 python3 bench/chat_cli.py hf $M --mode eager --repeat 2 --warmup 1 --out "$OUT/chat.jsonl" \
       > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -1 "$OUT/chat-hf-eager.log" ;;
   eval)  # questions/s of eval_mmbench.py and of transformers on the same questions, prompts and pictures
-    M=/tmp/llava8b
-    [ -d $M ] || { python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -1 "$OUT/chat-write.log"; }
+    folder
     python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1
     D="--data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --max-new-tokens 8"
     timeout 80 python3 eval_mmbench.py --model $M $D --batch-size 32 --out "$OUT/eval" > "$OUT/eval.log" 2>&1
@@ -54,8 +56,7 @@ case ${1:-train} in
     timeout 100 python3 bench/eval_hf.py --model $M --data /tmp/dd/eval.tsv --max-new-tokens 8 --batch-size 1 \
       --out "$OUT/eval-hf1" > "$OUT/eval-hf1.log" 2>&1; echo "eval hf, batch 1 (eval.tsv): rc=$?"; grep -a "answered" "$OUT/eval-hf1.log" ;;
   chat)  # eval_mmbench.py's questions/s (an MMBench-format and a yes/no set, 8 new tokens), then chat, on one folder
-    M=/tmp/llava8b
-    python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1; tail -2 "$OUT/chat-write.log"
+    folder
     python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1
     timeout 80 python3 eval_mmbench.py --model $M --data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --batch-size 32 \
       --max-new-tokens 8 --out "$OUT/eval" > "$OUT/eval.log" 2>&1; echo "eval: rc=$?"; grep -a "answered\|q/s\|questions/s" "$OUT/eval.log" | tail -4
