@@ -179,6 +179,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    sdpa = staticmethod(F.scaled_dot_product_attention)  # extras/fast_inference.py may give a decode step its own
+
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -203,7 +205,7 @@ class Attention(nn.Module):
         if cache_pos is not None:
             k, v = self.cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole cache, masked below
         # GQA: each group of H / Hkv query heads shares one K/V head, broadcast inside the kernel (BENCHMARKS.md)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H)
+        y = self.sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=Hkv != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 

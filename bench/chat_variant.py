@@ -4,6 +4,10 @@
 
     before   the decoder blocks compiled with inductor's defaults: chat.py's setting before
              extras.fast_inference.compile_for_decoding (cuBLAS for every batch-1 product)
+    sdpa     compile_for_decoding's tuned products, but a decode step's attention left to SDPA (the compiled
+             graph's cuDNN kernel) instead of the split-KV kernels of extras/decode_attention.py
+    wide     compile_for_decoding with a wider coordinate-descent search of the products' tiles (every direction,
+             radius 2): a longer first compilation, for tiles the default search may miss
 
 Everything else is chat.py itself (chat.main): loading, fusing, the CUDA graph, sampling, --stats.
 """
@@ -13,9 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
+from extras.fast_inference import DECODE_OPTIONS, use_split_kv_attention  # noqa: E402
 
+WIDE = {**DECODE_OPTIONS, "coordinate_descent_check_all_directions": True, "coordinate_descent_search_radius": 2}
 VARIANTS = {
     "before": lambda llm: llm.compile_blocks(),
+    "sdpa": lambda llm: llm.compile_blocks(options=DECODE_OPTIONS),
+    "wide": lambda llm: use_split_kv_attention(llm).compile_blocks(options=WIDE),
 }
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 #   OUT=... bash bench/round4.sh decode   # chat.py itself, chat.py compiled as before (bench/chat_variant.py), HF's
 #                                         # static-cache + compile and eager chat, then a profile of the decode step
 #   OUT=... bash bench/round4.sh eval     # eval_mmbench.py, then the same questions through transformers
-#                                         # (bench/eval_hf.py): one at a time as XTuner asks them, and batched
+#                                         # (bench/eval_hf.py): one at a time as XTuner asks them, and batched;
+#                                         # EVAL_VARIANTS="..." adds bench/eval_variant.py runs
 #   OUT=... bash bench/round4.sh chat     # eval_mmbench.py, then chat.py itself vs transformers, on one random-weight
 #                                         # 8B folder; PRE_CHAT="JOB ..." runs train_runs.sh jobs between the two,
 #                                         # NO_HF_EAGER=1 leaves out HF's eager chat
@@ -34,7 +35,7 @@ case ${1:-train} in
     done ;;
   decode)  # chat.py as users run it, against its earlier compilation and HF, on one random-weight 8B folder
     folder
-    for v in "" ${VARIANTS:-before}; do
+    for v in "" ${VARIANTS:-before}; do  # bench/chat_variant.py
       timeout 150 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} --out "$OUT/chat.jsonl" \
         > "$OUT/chat-ours${v:+-$v}.log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$OUT/chat-ours${v:+-$v}.log"
     done
@@ -51,6 +52,10 @@ case ${1:-train} in
     D="--data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --max-new-tokens 8"
     timeout 80 python3 eval_mmbench.py --model $M $D --batch-size 32 --out "$OUT/eval" > "$OUT/eval.log" 2>&1
     echo "eval ours, batch 32: rc=$?"; grep -a "answered" "$OUT/eval.log"
+    for v in ${EVAL_VARIANTS:-}; do  # bench/eval_variant.py: eval_mmbench.py with one setting changed
+      timeout 80 python3 bench/eval_variant.py $v --model $M $D --batch-size 32 --out "$OUT/eval-$v" > "$OUT/eval-$v.log" 2>&1
+      echo "eval ours $v, batch 32: rc=$?"; grep -a "answered" "$OUT/eval-$v.log"
+    done
     timeout 90 python3 bench/eval_hf.py --model $M $D --batch-size 32 --out "$OUT/eval-hf32" > "$OUT/eval-hf32.log" 2>&1
     echo "eval hf, batch 32: rc=$?"; grep -a "answered" "$OUT/eval-hf32.log"
     timeout 100 python3 bench/eval_hf.py --model $M --data /tmp/dd/eval.tsv --max-new-tokens 8 --batch-size 1 \

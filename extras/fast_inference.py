@@ -3,14 +3,17 @@ from a CUDA graph. Neither changes an output beyond float rounding; neither is f
 
     fuse_projections(llm)   q/k/v and gate/up of every block stacked into one matrix each (Llama.forward then
                             takes one GEMM for each group; gpt-fast's `wqkv`, vLLM's `qkv_proj` / `gate_up_proj`)
-    compile_for_decoding(llm)  the blocks compiled, their batch-1 products as tuned Triton reductions
+    compile_for_decoding(llm)  the blocks compiled, their batch-1 products as tuned Triton reductions, and
+                            decode attention as split-KV Triton kernels (use_split_kv_attention)
     GraphedDecodeStep()     `generate(..., step_fn=GraphedDecodeStep())`: model.decode_step as one CUDA graph
 """
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import model
+from extras import decode_attention
 
 
 def stack_linears(*linears):
@@ -69,10 +72,45 @@ DECODE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def compile_for_decoding(llm):
-    """torch.compile every decoder block in place with DECODE_OPTIONS; returns llm. Outputs match eager to bf16
-    rounding (the reductions accumulate in fp32). The LM head is left to cuBLAS: its one large GEMV already streams
-    about as fast as the best compiled product (the profile in BENCHMARKS.md)."""
-    return llm.compile_blocks(options=DECODE_OPTIONS)
+    """torch.compile every decoder block in place with DECODE_OPTIONS, attention of a decode step by
+    use_split_kv_attention; returns llm. Outputs match eager to bf16 rounding (the reductions accumulate in fp32).
+    The LM head is left to cuBLAS: its one large GEMV already streams about as fast as the best compiled product
+    (the profile in BENCHMARKS.md)."""
+    return use_split_kv_attention(llm).compile_blocks(options=DECODE_OPTIONS)
+
+
+@torch.library.custom_op("llava::split_kv_attention", mutates_args=())
+def split_kv_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """decode_attention.split_kv_attention as an operator torch.compile calls as it is (it does not trace Triton
+    launches) and a CUDA graph records like any other kernel."""
+    return decode_attention.split_kv_attention(q, k, v, keep)
+
+
+@split_kv_attention_op.register_fake
+def _(q, k, v, keep):
+    return q.new_empty(q.shape)  # (B, H, 1, D)
+
+
+def decode_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+    """F.scaled_dot_product_attention, except that a decode step (one query per row, a boolean mask over the cache
+    slots) in bf16 / fp16 on a GPU with Triton goes to the split-KV kernels (extras/decode_attention.py)."""
+    D = q.shape[-1]
+    if (decode_attention.triton is not None and q.is_cuda and q.shape[2] == 1 and D >= 16 and D & (D - 1) == 0
+            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and attn_mask is not None
+            and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[1:3] == (1, 1)):
+        return torch.ops.llava.split_kv_attention(q, k, v, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+
+
+def use_split_kv_attention(llm):
+    """Every attention layer of llm calls decode_sdpa instead of F.scaled_dot_product_attention; returns llm.
+
+    In a batch-1 decode step with a 1,024-slot cache, SDPA's kernels give the 32 query heads (or their 8 K/V heads)
+    a program each and read the cache well below bandwidth; the split-KV kernels spread the slots over the GPU
+    (BENCHMARKS.md compares the two in chat.py). Prefill, training and the CPU keep SDPA."""
+    for layer in llm.layers:
+        layer.self_attn.sdpa = decode_sdpa
+    return llm
 
 
 class GraphedDecodeStep:
