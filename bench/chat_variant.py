@@ -8,6 +8,7 @@
              graph's cuDNN kernel) instead of the split-KV kernels of extras/decode_attention.py
     wide     compile_for_decoding with a wider coordinate-descent search of the products' tiles (every direction,
              radius 2): a longer first compilation, for tiles the default search may miss
+    sync8    chat.py's compilation, with the new tokens brought to the host every 8 decode steps instead of 4
 
 Everything else is chat.py itself (chat.main): loading, fusing, the CUDA graph, sampling, --stats.
 """
@@ -17,17 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
+import model  # noqa: E402
 from extras.fast_inference import DECODE_OPTIONS, use_split_kv_attention  # noqa: E402
 
 WIDE = {**DECODE_OPTIONS, "coordinate_descent_check_all_directions": True, "coordinate_descent_search_radius": 2}
-VARIANTS = {
-    "before": lambda llm: llm.compile_blocks(),
-    "sdpa": lambda llm: llm.compile_blocks(options=DECODE_OPTIONS),
-    "wide": lambda llm: use_split_kv_attention(llm).compile_blocks(options=WIDE),
+VARIANTS = {  # what each variant replaces in chat.py
+    "before": {"compile_for_decoding": lambda llm: llm.compile_blocks()},
+    "sdpa": {"compile_for_decoding": lambda llm: llm.compile_blocks(options=DECODE_OPTIONS)},
+    "wide": {"compile_for_decoding": lambda llm: use_split_kv_attention(llm).compile_blocks(options=WIDE)},
+    "sync8": {"generate": lambda *args, **kw: model.generate(*args, **{**kw, "sync_every": 8})},
 }
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
         sys.exit(f"usage: chat_variant.py {{{','.join(VARIANTS)}}} [chat.py flags]")
-    chat.compile_for_decoding = VARIANTS[sys.argv[1]]
+    for name, value in VARIANTS[sys.argv[1]].items():
+        setattr(chat, name, value)
     sys.exit(chat.main(sys.argv[2:]))

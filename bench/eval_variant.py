@@ -23,4 +23,4 @@ if __name__ == "__main__":
         sys.exit(f"usage: eval_variant.py {{{','.join(VARIANTS)}}} [eval_mmbench.py flags]")
     for name, value in VARIANTS[sys.argv[1]].items():
         setattr(eval_mmbench, name, value)
-    sys.exit(eval_mmbench.main(sys.argv[2:]))
+    eval_mmbench.main(sys.argv[2:])
