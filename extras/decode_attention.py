@@ -25,18 +25,20 @@ BLOCK_N = 64  # cache slots per tile
 
 if triton is not None:
     @triton.jit
-    def _decode_partials(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, m_ptr, l_ptr, scale, S, chunk, n_split, keep_stride,
-                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    def _decode_partials(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, m_ptr, l_ptr, scale, S, n_split, keep_stride,
+                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                         TILES: tl.constexpr):
         """Program (b * HKV + kv head, split): the G query heads of one K/V head against slots
-        [split * chunk, (split + 1) * chunk), as an unnormalized output, its row maxima m and sums l (fp32)."""
+        [split * TILES * BN, (split + 1) * TILES * BN), as an unnormalized output, its row maxima m and sums l
+        (fp32)."""
         bh, split = tl.program_id(0), tl.program_id(1)
         g, d = tl.arange(0, GP), tl.arange(0, D)
         q = tl.load(q_ptr + (bh * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)  # (GP, D)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        for start in range(split * chunk, split * chunk + chunk, BN):
-            n = start + tl.arange(0, BN)
+        for tile in range(TILES):
+            n = (split * TILES + tile) * BN + tl.arange(0, BN)
             keep = tl.load(keep_ptr + (bh // HKV) * keep_stride + n, mask=n < S, other=0) != 0  # (BN,)
             offs = bh * S * D + n[:, None] * D + d[None, :]
             k = tl.load(k_ptr + offs, mask=(n < S)[:, None], other=0.0)  # (BN, D)
@@ -85,15 +87,15 @@ def split_kv_attention(q, k, v, keep):
         raise ValueError(f"split_kv_attention: one query per row and a (B|1, 1, 1, S) bool mask, got q {tuple(q.shape)}"
                          f", k {tuple(k.shape)}, mask {tuple(keep.shape)} {keep.dtype}")
     G, GP = H // Hkv, max(16, triton.next_power_of_2(H // Hkv))  # tl.dot takes at least 16 rows: heads padded
-    chunk = BLOCK_N * triton.cdiv(S, BLOCK_N * min(MAX_SPLITS, triton.cdiv(S, BLOCK_N)))
-    n_split = triton.cdiv(S, chunk)
+    tiles = triton.cdiv(S, BLOCK_N * min(MAX_SPLITS, triton.cdiv(S, BLOCK_N)))  # per chunk: a compile-time count
+    n_split = triton.cdiv(S, tiles * BLOCK_N)
     o = torch.empty(B * Hkv, n_split, GP, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B * Hkv, n_split, GP, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     keep = keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
     _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, D ** -0.5,
-                                         S, chunk, n_split, S if keep.shape[0] > 1 else 0,
-                                         HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N)
+                                         S, n_split, S if keep.shape[0] > 1 else 0,
+                                         HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
     return out

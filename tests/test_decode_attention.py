@@ -67,8 +67,9 @@ def interpreted(tmp_path_factory):
     """{case: split_kv_attention(*CASES[case]) or its ValueError's message}, computed by the interpreter."""
     folder = tmp_path_factory.mktemp("interpreted")
     torch.save(CASES, folder / "cases.pt")
-    subprocess.run([sys.executable, "-c", CHILD, str(SOURCE), str(folder / "cases.pt"), str(folder / "out.pt")],
-                   env={**os.environ, "TRITON_INTERPRET": "1"}, check=True, timeout=300)
+    child = subprocess.run([sys.executable, "-c", CHILD, str(SOURCE), str(folder / "cases.pt"), str(folder / "out.pt")],
+                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"the interpreted kernels failed:\n{child.stderr[-3000:]}"
     return torch.load(folder / "out.pt")
 
 
