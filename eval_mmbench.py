@@ -60,7 +60,7 @@ from extras import mmbench as files
 from extras import scoring
 from extras.benchmarks import (CJK, INSTRUCTION_CN, INSTRUCTION_EN, KINDS, VQA_INSTRUCTION, Benchmark, decode_image,
                                read_benchmark)
-from extras.fast_inference import GraphedDecodeStep, fuse_projections, unfusable_projections, use_split_kv_attention
+from extras.fast_inference import GraphedDecodeStep, fuse_projections, unfusable_projections
 from extras.mmbench import EvalError, index_key, question_record
 from weights import write_json
 
@@ -138,8 +138,6 @@ def load_generator(args, device, dtype):
         # the model is only answered with: q/k/v and gate/up each read as one matrix; an adapter run keeps its
         # LoRA / NF4 layers apart
         fuse_projections(net.llm)
-    if torch.device(device).type == "cuda":  # decode steps' attention: split-KV kernels (extras/decode_attention.py)
-        use_split_kv_attention(net.llm)
     return make_generator(net, tok, cfg, device, dtype, args.max_new_tokens), cfg
 
 

@@ -2,8 +2,8 @@
 
     python bench/eval_variant.py VARIANT [eval_mmbench.py's flags]
 
-    sdpa   decode steps' attention left to F.scaled_dot_product_attention instead of the split-KV kernels of
-           extras/decode_attention.py
+    split_kv   a decode step's attention on the split-KV kernels of extras/decode_attention.py (as chat.py has it)
+               instead of F.scaled_dot_product_attention; on a GPU, where the projections are fused
 
 Everything else is eval_mmbench.main: loading, fusing, the CUDA graph, batching, scoring.
 """
@@ -13,9 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import eval_mmbench  # noqa: E402
+from extras.fast_inference import fuse_projections, use_split_kv_attention  # noqa: E402
 
-VARIANTS = {
-    "sdpa": {"use_split_kv_attention": lambda llm: llm},
+VARIANTS = {  # what each variant replaces in eval_mmbench.py
+    "split_kv": {"fuse_projections": lambda llm: use_split_kv_attention(fuse_projections(llm))},
 }
 
 if __name__ == "__main__":
