@@ -1,4 +1,4 @@
-"""chat.py with its compilation done another way, to compare a setting with chat.py's own in the same call:
+"""chat.py with one setting changed, to compare it with chat.py's own in the same call:
 
     python bench/chat_variant.py VARIANT [chat.py's flags]     (bench/chat_cli.py ours DIR --variant VARIANT)
 
@@ -9,10 +9,13 @@
     wide     compile_for_decoding with a wider coordinate-descent search of the products' tiles (every direction,
              radius 2): a longer first compilation, for tiles the default search may miss
     sync8    chat.py's compilation, with the new tokens brought to the host every 8 decode steps instead of 4
+    gcfreeze chat.py, with everything alive after each answer moved out of the garbage collector's reach
+             (gc.freeze), so that no collection walks the compiler's objects during a later answer
 
 Everything else is chat.py itself (chat.main): loading, fusing, the CUDA graph, sampling, --stats.
 """
 
+import gc
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ VARIANTS = {  # what each variant replaces in chat.py
     "sdpa": {"compile_for_decoding": lambda llm: llm.compile_blocks(options=DECODE_OPTIONS)},
     "wide": {"compile_for_decoding": lambda llm: use_split_kv_attention(llm).compile_blocks(options=WIDE)},
     "sync8": {"generate": lambda *args, **kw: model.generate(*args, **{**kw, "sync_every": 8})},
+    "gcfreeze": {"generate": lambda *args, **kw: (model.generate(*args, **kw), gc.freeze())[0]},
 }
 
 if __name__ == "__main__":
