@@ -4,7 +4,7 @@ no Triton, and there attention stays F.scaled_dot_product_attention.
 
 A batch-1 decode step of an 8B Llama has 32 query heads over 8 K/V heads and a cache of a thousand slots or more.
 An attention kernel that gives each head (or each group of heads) one program runs 8 to 32 programs on a GPU of
-132 multiprocessors, so it reads the cache far below the memory bandwidth. Here the cache is cut into up to
+132 multiprocessors, most of which then wait (BENCHMARKS.md profiles both). Here the cache is cut into up to
 MAX_SPLITS chunks of slots, and each (row, K/V head, chunk) is one program: it computes the softmax-weighted sum of
 its chunk's values for the group of query heads sharing that K/V head, with the chunk's own maximum and sum. A
 second kernel rescales the chunks to a common maximum and adds them up: exactly the softmax over all the slots.
