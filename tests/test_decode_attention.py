@@ -107,6 +107,17 @@ def test_decode_sdpa_keeps_sdpa_on_the_cpu_and_for_other_models():
     assert llama.Attention.sdpa is F.scaled_dot_product_attention  # other models keep SDPA
 
 
+def test_compile_for_decoding_compiles_the_blocks_tuned_with_the_split_kv_attention(monkeypatch):
+    """chat.py's setting on a GPU, wired on any device: every block's attention goes through decode_sdpa, and the
+    blocks are compiled (llama.Llama.compile_blocks, tested in test_llama.py) with the decode options."""
+    calls = []
+    monkeypatch.setattr(llama.Llama, "compile_blocks", lambda self, **kw: calls.append(kw) or self)
+    net = compile_for_decoding(llama.Llama(llama.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=64)))
+    assert all(layer.self_attn.sdpa is fast_inference.decode_sdpa for layer in net.layers)
+    assert calls == [{"options": {"coordinate_descent_tuning": True}}]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path: compiled blocks replayed from a CUDA graph")
 def test_compiled_graphed_decode_steps_match_sdpa_on_a_gpu():
     """chat.py's decode on a GPU (compile_for_decoding + GraphedDecodeStep, bf16, 8B head sizes) against eager SDPA
