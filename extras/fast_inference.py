@@ -39,8 +39,9 @@ def fuse_projections(llm):
 
     Batch-1 decode reads every weight once per token, so its speed is the GEMVs' memory bandwidth, and a small
     GEMV streams worse than a large one (BENCHMARKS.md measures the 1024-row k_proj / v_proj). Two GEMVs per
-    block instead of five, and fewer kernel launches. The old weights are freed. Parameter names change (no checkpoint has these keys), so a fused model is not
-    for saving (save_llama refuses it) or training (train() refuses it): load the model again for that.
+    block instead of five, and fewer kernel launches. The old weights are freed. Parameter names change (no
+    checkpoint has these keys), so a fused model is not for saving (save_llama refuses it) or training (train()
+    refuses it): load the model again for that.
     LoRA and NF4 layers cannot be stacked (see unfusable_projections); merge them first (lora.merge_lora).
     Compiled blocks retrace by themselves (dynamo guards on the layers); a CUDA graph captured before fusing
     would replay on the freed weights, so capture after it (a new GraphedDecodeStep)."""
@@ -107,7 +108,11 @@ def use_split_kv_attention(llm):
 
     In a batch-1 decode step with a 1,024-slot cache, SDPA's kernels give the 32 query heads (or their 8 K/V heads)
     a program each and read the cache well below bandwidth; the split-KV kernels spread the slots over the GPU
-    (BENCHMARKS.md compares the two in chat.py). Prefill, training and the CPU keep SDPA."""
+    (BENCHMARKS.md compares the two in chat.py). Prefill, training and the CPU keep SDPA, and so do GPUs older
+    than Ampere, where Triton's bf16 products do not run."""
+    device = llm.norm.weight.device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return llm
     for layer in llm.layers:
         layer.self_attn.sdpa = decode_sdpa
     return llm
@@ -119,9 +124,10 @@ class GraphedDecodeStep:
     An eager decode step of an 8B Llama launches about a thousand small kernels and the GPU waits on Python between
     them; a graph launches them all at once, so a step costs about its kernels' own time (BENCHMARKS.md compares the
     two). After `llm.compile_blocks()` the graph replays the compiled blocks, whose fused kernels are fewer still.
-    The graph is captured on the first call and again whenever the KV cache was rebuilt (another batch or length): it reads and writes the cache buffers it was
-    captured on, and its inputs are copied into its own static tensors before each replay. It also reads the
-    weights it was captured on: after fuse_projections, use a new GraphedDecodeStep."""
+    The graph is captured on the first call and again whenever the KV cache was rebuilt (another batch or length):
+    it reads and writes the cache buffers it was captured on, and its inputs are copied into its own static tensors
+    before each replay. It also reads the weights it was captured on: after fuse_projections, use a new
+    GraphedDecodeStep."""
 
     def __init__(self):
         self.graph, self.key = None, None

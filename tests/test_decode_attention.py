@@ -9,6 +9,7 @@ import copy
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,18 @@ def test_compile_for_decoding_compiles_the_blocks_tuned_with_the_split_kv_attent
         vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=64)))
     assert all(layer.self_attn.sdpa is fast_inference.decode_sdpa for layer in net.layers)
     assert calls == [{"options": {"coordinate_descent_tuning": True}}]
+
+
+@pytest.mark.parametrize("capability,installed", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_gpus_older_than_ampere_keep_sdpa(monkeypatch, capability, installed):
+    """A T4 or V100 keeps SDPA (the kernels' bf16 tl.dot needs Ampere); the GPU is faked: only its capability counts."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    attn = types.SimpleNamespace(sdpa=F.scaled_dot_product_attention)
+    weight = types.SimpleNamespace(device=torch.device("cuda", 0))
+    llm = types.SimpleNamespace(norm=types.SimpleNamespace(weight=weight),
+                                layers=[types.SimpleNamespace(self_attn=attn)])
+    fast_inference.use_split_kv_attention(llm)
+    assert (attn.sdpa is fast_inference.decode_sdpa) is installed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path: compiled blocks replayed from a CUDA graph")
