@@ -107,9 +107,9 @@ def use_split_kv_attention(llm):
     """Every attention layer of llm calls decode_sdpa instead of F.scaled_dot_product_attention; returns llm.
 
     In a batch-1 decode step with a 1,024-slot cache, SDPA's kernels give the 32 query heads (or their 8 K/V heads)
-    a program each and read the cache well below bandwidth; the split-KV kernels spread the slots over the GPU
-    (BENCHMARKS.md compares the two in chat.py). Prefill, training and the CPU keep SDPA, and so do GPUs older
-    than Ampere, where Triton's bf16 products do not run."""
+    a program each, and most of the GPU waits; the split-KV kernels spread the slots over it (BENCHMARKS.md
+    profiles both). Prefill, training and the CPU keep SDPA, and so do GPUs older than Ampere, where Triton's bf16
+    products do not run. eval_mmbench.py keeps SDPA too: at batch 32 its rows already fill the GPU."""
     device = llm.norm.weight.device
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return llm
