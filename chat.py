@@ -52,7 +52,7 @@ class Conversation:
             print("(--compile is for GPUs; running eager on CPU)", file=out)
         elif args.compile is not False and self.device.type == "cuda":  # on by default on a GPU
             # q/k/v and gate/up each read as one matrix (an adapter run keeps its LoRA / NF4 layers apart),
-            # compiled blocks (prefill and decode), the decode step replayed from a CUDA graph, and tokens
+            # compiled blocks with split-KV decode attention, the decode step replayed from a CUDA graph, and tokens
             # brought to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
             if not unfusable_projections(model.llm):
                 fuse_projections(model.llm)
@@ -205,8 +205,9 @@ def parse_args(argv=None):
                    help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="on by default on a GPU (--no-compile: eager): fuse the q/k/v and gate/up projections (not "
-                        "with LoRA / NF4 layers), compile the decoder blocks (batch-1 products tuned for this GPU) "
-                        "and replay each decode step from a CUDA graph (the first answer waits for the compilation)")
+                        "with LoRA / NF4 layers), compile the decoder blocks (batch-1 products tuned for this GPU, "
+                        "split-KV decode attention) and replay each decode step from a CUDA graph (the first answer "
+                        "waits for the compilation)")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s after each answer")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer these messages (repeatable) and exit, instead of reading stdin")
