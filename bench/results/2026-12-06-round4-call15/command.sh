@@ -13,7 +13,7 @@ M=/tmp/llava8b; python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_token
 tail -1 $OUT/chat-write.log
 for v in "" probe sync8 gcfreeze sync8+gcfreeze; do
   log=$OUT/chat-ours-$(echo ${v:-chat} | tr + -).log
-  CHAT_PROBE=$OUT/probe.txt timeout 100 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} \
+  CHAT_PROBE=$OUT/probe.txt timeout 150 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} \
     --out $OUT/chat.jsonl > $log 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 $log | cut -c1-400
 done
 cat $OUT/probe.txt
