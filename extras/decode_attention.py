@@ -21,6 +21,7 @@ except ImportError:  # a CPU-only torch ships without Triton: decode attention s
     triton = None
 
 BLOCK_N = 64  # cache slots per tile
+NUM_WARPS = 4  # warps per program of the partials kernel
 
 
 if triton is not None:
@@ -95,7 +96,8 @@ def split_kv_attention(q, k, v, keep):
     keep = keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
     _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, D ** -0.5,
                                          S, n_split, S if keep.shape[0] > 1 else 0,
-                                         HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles)
+                                         HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles,
+                                         num_warps=NUM_WARPS)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
     return out

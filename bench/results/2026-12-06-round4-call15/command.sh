@@ -21,3 +21,5 @@ timeout 120 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --w
   > $OUT/chat-hf-static.log 2>&1; echo "hf static: rc=$?"; tail -1 $OUT/chat-hf-static.log | cut -c1-400
 timeout 100 python3 bench/chat_bench.py --side ours --variants compiled_fused_sync8 --profile --eval-batches "" \
   > $OUT/chat-profile.log 2>&1; echo "profile: rc=$?"; grep -a -A14 "==== decode profile" $OUT/chat-profile.log
+timeout 150 python3 bench/decode_attention_sweep.py > $OUT/attention-sweep.log 2>&1; echo "sweep: rc=$?"
+cat $OUT/attention-sweep.log | cut -c1-200
