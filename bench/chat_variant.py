@@ -106,17 +106,20 @@ def profile_summary(prof, t0, t1):
         end = e if end is None else max(end, e)
     span = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
     big = sorted(gaps, reverse=True)
-    host = {}
+    host, gpu = {}, {}
     for e in events:
-        if e.device_type.name == "CPU":
-            host[e.name] = host.get(e.name, 0.0) + e.self_cpu_time_total
+        side = host if e.device_type.name == "CPU" else gpu
+        t = e.self_cpu_time_total if side is host else e.time_range.end - e.time_range.start
+        side[e.name] = side.get(e.name, 0.0) + t
     top = sorted(host.items(), key=lambda kv: -kv[1])[:10]
+    kernels_top = sorted(gpu.items(), key=lambda kv: -kv[1])[:12]
     return "\n".join([
         f"  profile: wall {(t1 - t0) * 1e3:.1f} ms, kernels span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms "
         f"({len(kernels)} kernels), idle gaps: {sum(gaps) / 1e3:.2f} ms in {len(gaps)}; > 20 us: "
         f"{sum(g for g in gaps if g > 20) / 1e3:.2f} ms in {sum(1 for g in gaps if g > 20)}; largest (us) "
         + " ".join(f"{g:.0f}" for g in big[:12]),
-        "  host self time (ms): " + ", ".join(f"{k[:60]} {v / 1e3:.1f}" for k, v in top)])
+        "  host self time (ms): " + ", ".join(f"{k[:60]} {v / 1e3:.1f}" for k, v in top),
+        "  kernels (ms in the answer): " + ", ".join(f"{k[:70]} {v / 1e3:.1f}" for k, v in kernels_top)])
 
 
 VARIANTS = {  # how each variant changes chat.py
