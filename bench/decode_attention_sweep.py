@@ -62,7 +62,11 @@ def main():
                           qs, ks, vs, keep, args.replays)
         for bn, splits, warps in itertools.product((16, 32, 64, 128), (16, 32, 64, 128), (2, 4)):
             DA.BLOCK_N, DA.MAX_SPLITS, DA.NUM_WARPS = bn, splits, warps
-            got = DA.split_kv_attention(qs[0], ks[0], vs[0], keep).float()
+            try:
+                got = DA.split_kv_attention(qs[0], ks[0], vs[0], keep).float()
+            except Exception as e:  # a tile that does not compile or fit: reported, the sweep goes on
+                print(f"S {S} BLOCK_N {bn} MAX_SPLITS {splits} NUM_WARPS {warps}: {type(e).__name__}: {str(e)[:150]}")
+                continue
             err = (got - want).abs().max().item()
             if err > 2e-2:
                 print(f"S {S} BLOCK_N {bn} MAX_SPLITS {splits} NUM_WARPS {warps}: wrong, max error {err:.3g}")
