@@ -48,6 +48,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--slots", default="1024,2048")
     p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="9 settings around the default instead of 32")
     args = p.parse_args()
     dev = torch.device("cuda")
     for S in (int(s) for s in args.slots.split(",")):
@@ -60,7 +61,8 @@ def main():
         results = []
         sdpa = graphed_us(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
                           qs, ks, vs, keep, args.replays)
-        for bn, splits, warps in itertools.product((16, 32, 64, 128), (16, 32, 64, 128), (2, 4)):
+        grid = ((32, 64, 128), (16, 32, 64), (4,)) if args.quick else ((16, 32, 64, 128), (16, 32, 64, 128), (2, 4))
+        for bn, splits, warps in itertools.product(*grid):
             DA.BLOCK_N, DA.MAX_SPLITS, DA.NUM_WARPS = bn, splits, warps
             try:
                 got = DA.split_kv_attention(qs[0], ks[0], vs[0], keep).float()
