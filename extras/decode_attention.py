@@ -22,16 +22,19 @@ except ImportError:  # a CPU-only torch ships without Triton: decode attention s
 
 BLOCK_N = 64  # cache slots per tile
 NUM_WARPS = 4  # warps per program of the partials kernel
+ONE_KERNEL = False  # combine the chunks in the partials kernel's last program instead of a second kernel
 
 
 if triton is not None:
     @triton.jit
-    def _decode_partials(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, m_ptr, l_ptr, scale, S, n_split, keep_stride,
-                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                         TILES: tl.constexpr):
+    def _decode_partials(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, scale, S, n_split,
+                         keep_stride, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                         BN: tl.constexpr, TILES: tl.constexpr, COMBINE: tl.constexpr):
         """Program (b * HKV + kv head, split): the G query heads of one K/V head against slots
         [split * TILES * BN, (split + 1) * TILES * BN), as an unnormalized output, its row maxima m and sums l
-        (fp32)."""
+        (fp32). With COMBINE, the last program of a (row, K/V head) to finish also combines its n_split parts into
+        out, as _decode_combine would: one kernel instead of two (count_ptr: a zeroed int32 per (row, K/V head),
+        left zeroed)."""
         bh, split = tl.program_id(0), tl.program_id(1)
         g, d = tl.arange(0, GP), tl.arange(0, D)
         q = tl.load(q_ptr + (bh * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)  # (GP, D)
@@ -53,9 +56,28 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         row = (bh * n_split + split) * GP + g
-        tl.store(o_ptr + row[:, None] * D + d[None, :], acc)
+        tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
         tl.store(m_ptr + row, m_i)
         tl.store(l_ptr + row, l_i)
+        if COMBINE:
+            # acq_rel: the parts stored above are visible to whichever program arrives last, and it sees theirs
+            if tl.atomic_add(count_ptr + bh, 1) == n_split - 1:
+                first = bh * n_split * GP
+                m_max = tl.full([GP], float("-inf"), tl.float32)
+                for part in range(0, n_split):
+                    m_max = tl.maximum(m_max, tl.load(m_ptr + first + part * GP + g, cache_modifier=".cg"))
+                m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+                total = tl.zeros([GP], tl.float32)
+                y = tl.zeros([GP, D], tl.float32)
+                for part in range(0, n_split):
+                    w = tl.exp(tl.load(m_ptr + first + part * GP + g, cache_modifier=".cg") - m_ref)
+                    total += w * tl.load(l_ptr + first + part * GP + g, cache_modifier=".cg")
+                    y += w[:, None] * tl.load(o_ptr + (first + part * GP + g)[:, None] * D + d[None, :],
+                                              mask=(g < G)[:, None], other=0.0, cache_modifier=".cg")
+                y = y / tl.where(total == 0.0, 1.0, total)[:, None]
+                tl.store(out_ptr + (bh * G + g)[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty),
+                         mask=(g < G)[:, None])
+                tl.atomic_xchg(count_ptr + bh, 0)  # zeroed again for the next call (and a CUDA graph's replay)
 
     @triton.jit
     def _decode_combine(o_ptr, m_ptr, l_ptr, out_ptr, n_split,
@@ -94,10 +116,24 @@ def split_kv_attention(q, k, v, keep):
     m = torch.empty(B * Hkv, n_split, GP, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     keep = keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
-    _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, D ** -0.5,
-                                         S, n_split, S if keep.shape[0] > 1 else 0,
-                                         HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles,
-                                         num_warps=NUM_WARPS)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
+    count = _counters(B * Hkv, q.device) if ONE_KERNEL else o
+    _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, count, out,
+                                         D ** -0.5, S, n_split, S if keep.shape[0] > 1 else 0,
+                                         HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles, COMBINE=ONE_KERNEL,
+                                         num_warps=NUM_WARPS)
+    if not ONE_KERNEL:
+        _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
     return out
+
+
+_COUNTS = {}
+
+
+def _counters(n, device):
+    """n zeroed int32 arrival counters on device, kept between calls (the kernel leaves them zeroed), so that a
+    CUDA graph captured after a first call replays on the same buffer. One stream at a time may use them."""
+    have = _COUNTS.get(device)
+    if have is None or have.numel() < n:
+        _COUNTS[device] = have = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return have
