@@ -29,7 +29,7 @@ if triton is not None:
     @triton.jit
     def _decode_partials(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, scale, S, n_split,
                          keep_stride, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                         BN: tl.constexpr, TILES: tl.constexpr, COMBINE: tl.constexpr):
+                         BN: tl.constexpr, TILES: tl.constexpr, COMBINE: tl.constexpr, NS: tl.constexpr):
         """Program (b * HKV + kv head, split): the G query heads of one K/V head against slots
         [split * TILES * BN, (split + 1) * TILES * BN), as an unnormalized output, its row maxima m and sums l
         (fp32). With COMBINE, the last program of a (row, K/V head) to finish also combines its n_split parts into
@@ -64,16 +64,20 @@ if triton is not None:
             if tl.atomic_add(count_ptr + bh, 1) == n_split - 1:
                 first = bh * n_split * GP
                 m_max = tl.full([GP], float("-inf"), tl.float32)
-                for part in range(0, n_split):
-                    m_max = tl.maximum(m_max, tl.load(m_ptr + first + part * GP + g, cache_modifier=".cg"))
+                for part in range(NS):  # NS >= n_split, a compile-time count
+                    m_max = tl.maximum(m_max, tl.load(m_ptr + first + part * GP + g, mask=part < n_split,
+                                                      other=float("-inf"), cache_modifier=".cg"))
                 m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
                 total = tl.zeros([GP], tl.float32)
                 y = tl.zeros([GP, D], tl.float32)
-                for part in range(0, n_split):
-                    w = tl.exp(tl.load(m_ptr + first + part * GP + g, cache_modifier=".cg") - m_ref)
-                    total += w * tl.load(l_ptr + first + part * GP + g, cache_modifier=".cg")
+                for part in range(NS):
+                    w = tl.exp(tl.load(m_ptr + first + part * GP + g, mask=part < n_split, other=float("-inf"),
+                                       cache_modifier=".cg") - m_ref)
+                    total += w * tl.load(l_ptr + first + part * GP + g, mask=part < n_split, other=0.0,
+                                         cache_modifier=".cg")
                     y += w[:, None] * tl.load(o_ptr + (first + part * GP + g)[:, None] * D + d[None, :],
-                                              mask=(g < G)[:, None], other=0.0, cache_modifier=".cg")
+                                              mask=(g < G)[:, None] & (part < n_split), other=0.0,
+                                              cache_modifier=".cg")
                 y = y / tl.where(total == 0.0, 1.0, total)[:, None]
                 tl.store(out_ptr + (bh * G + g)[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty),
                          mask=(g < G)[:, None])
@@ -121,7 +125,7 @@ def split_kv_attention(q, k, v, keep):
     _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, count, out,
                                          D ** -0.5, S, n_split, S if keep.shape[0] > 1 else 0,
                                          HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles, COMBINE=ONE_KERNEL,
-                                         num_warps=NUM_WARPS)
+                                         NS=triton.next_power_of_2(n_split), num_warps=NUM_WARPS)
     if not ONE_KERNEL:
         _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
     return out
