@@ -65,19 +65,19 @@ if triton is not None:
                 first = bh * n_split * GP
                 m_max = tl.full([GP], float("-inf"), tl.float32)
                 for part in range(NS):  # NS >= n_split, a compile-time count
-                    m_max = tl.maximum(m_max, tl.load(m_ptr + first + part * GP + g, mask=part < n_split,
-                                                      other=float("-inf"), cache_modifier=".cg"))
+                    ok = (g < G) & (g * 0 + part < n_split)  # (GP,): a scalar condition would not do as a mask
+                    m_max = tl.maximum(m_max, tl.load(m_ptr + first + part * GP + g, mask=ok, other=float("-inf"),
+                                                      cache_modifier=".cg"))
                 m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
                 total = tl.zeros([GP], tl.float32)
                 y = tl.zeros([GP, D], tl.float32)
                 for part in range(NS):
-                    w = tl.exp(tl.load(m_ptr + first + part * GP + g, mask=part < n_split, other=float("-inf"),
+                    ok = (g < G) & (g * 0 + part < n_split)
+                    w = tl.exp(tl.load(m_ptr + first + part * GP + g, mask=ok, other=float("-inf"),
                                        cache_modifier=".cg") - m_ref)
-                    total += w * tl.load(l_ptr + first + part * GP + g, mask=part < n_split, other=0.0,
-                                         cache_modifier=".cg")
+                    total += w * tl.load(l_ptr + first + part * GP + g, mask=ok, other=0.0, cache_modifier=".cg")
                     y += w[:, None] * tl.load(o_ptr + (first + part * GP + g)[:, None] * D + d[None, :],
-                                              mask=(g < G)[:, None] & (part < n_split), other=0.0,
-                                              cache_modifier=".cg")
+                                              mask=ok[:, None], other=0.0, cache_modifier=".cg")
                 y = y / tl.where(total == 0.0, 1.0, total)[:, None]
                 tl.store(out_ptr + (bh * G + g)[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty),
                          mask=(g < G)[:, None])
