@@ -1,6 +1,6 @@
 # call 15, run from the project root on the GPU machine with .whl carried (OUT: the call's output folder):
 # the GPU test of the split-KV decode attention; chat.py against its variants (bench/chat_variant.py: timed from
-# inside, tokens every 8 steps, and with gc frozen after each answer); the benchmark loop's
+# inside, tokens every 8 steps, and with the split-KV chunks combined in one kernel); the benchmark loop's
 # profile of the decode step; HF's fastest chat, all on one random-weight 8B folder; the split-KV tile sweep
 export OUT=$OUT/call15; mkdir -p $OUT
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -11,7 +11,7 @@ timeout 60 python3 -m pytest tests/test_decode_attention.py -p no:cacheprovider 
 echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped" $OUT/pytest.log | tail -3
 M=/tmp/llava8b; python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > $OUT/chat-write.log 2>&1
 tail -1 $OUT/chat-write.log
-for v in "" probe sync8 sync8+gcfreeze; do
+for v in "" probe sync8 sync8+onekernel; do
   log=$OUT/chat-ours-$(echo ${v:-chat} | tr + -).log
   CHAT_PROBE=$OUT/probe.txt timeout 110 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} \
     --out $OUT/chat.jsonl > $log 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 $log | cut -c1-330
