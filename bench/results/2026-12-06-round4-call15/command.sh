@@ -1,13 +1,13 @@
 # call 15, run from the project root on the GPU machine with .whl carried (OUT: the call's output folder):
-# the GPU test of the split-KV decode attention; chat.py, chat.py timed from inside (bench/chat_variant.py probe) and
-# with tokens every 8 steps; HF's fastest chat on the same random-weight 8B folder; chat.py with tokens every 8 steps
-# and the split-KV chunks combined in one kernel; the split-KV tile sweep
+# the GPU test of the split-KV decode attention; chat.py, chat.py timed from inside (bench/chat_variant.py probe),
+# chat.py with tokens every 8 steps and the split-KV chunks combined in one kernel, and HF's fastest chat, all on
+# one random-weight 8B folder; the split-KV tile sweep
 export OUT=$OUT/call15; mkdir -p $OUT
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc;
   lscpu | grep -i "model name"; } > $OUT/machine.txt
-timeout 60 python3 -m pytest tests/test_decode_attention.py -p no:cacheprovider -rA > $OUT/pytest.log 2>&1
+timeout 45 python3 -m pytest tests/test_decode_attention.py -p no:cacheprovider -rA > $OUT/pytest.log 2>&1
 echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped" $OUT/pytest.log | tail -3
 M=/tmp/llava8b; python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > $OUT/chat-write.log 2>&1
 tail -1 $OUT/chat-write.log
@@ -15,9 +15,8 @@ ours() {  # chat.py itself, or a bench/chat_variant.py variant of it
   log=$OUT/chat-ours-$(echo ${1:-chat} | tr + -).log
   CHAT_PROBE=$OUT/probe.txt timeout 90 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${1:+--variant $1} \
     --out $OUT/chat.jsonl > $log 2>&1; echo "ours ${1:-chat.py}: rc=$?"; tail -1 $log | cut -c1-330; }
-ours; ours probe; cat $OUT/probe.txt; ours sync8
-timeout 90 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out $OUT/chat.jsonl \
+ours; ours probe; cat $OUT/probe.txt; ours sync8+onekernel
+timeout 80 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out $OUT/chat.jsonl \
   > $OUT/chat-hf-static.log 2>&1; echo "hf static: rc=$?"; tail -1 $OUT/chat-hf-static.log | cut -c1-330
-ours sync8+onekernel
-timeout 60 python3 bench/decode_attention_sweep.py --slots 1024 --quick > $OUT/attention-sweep.log 2>&1
+timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick > $OUT/attention-sweep.log 2>&1
 echo "sweep: rc=$?"; cut -c1-200 $OUT/attention-sweep.log
