@@ -1,7 +1,7 @@
 # call 15, run from the project root on the GPU machine with .whl carried (OUT: the call's output folder):
 # the GPU test of the split-KV decode attention; chat.py, chat.py timed from inside (bench/chat_variant.py probe),
-# chat.py with tokens every 8 steps and the split-KV chunks combined in one kernel, and HF's fastest chat, all on
-# one random-weight 8B folder; the split-KV tile sweep
+# and chat.py with tokens every 8 steps and the split-KV chunks combined in one kernel, on one random-weight 8B
+# folder (what the device time left allows)
 export OUT=$OUT/call15; mkdir -p $OUT
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
@@ -16,7 +16,3 @@ ours() {  # chat.py itself, or a bench/chat_variant.py variant of it
   CHAT_PROBE=$OUT/probe.txt timeout 90 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${1:+--variant $1} \
     --out $OUT/chat.jsonl > $log 2>&1; echo "ours ${1:-chat.py}: rc=$?"; tail -1 $log | cut -c1-330; }
 ours; ours probe; cat $OUT/probe.txt; ours sync8+onekernel
-timeout 80 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out $OUT/chat.jsonl \
-  > $OUT/chat-hf-static.log 2>&1; echo "hf static: rc=$?"; tail -1 $OUT/chat-hf-static.log | cut -c1-330
-timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick > $OUT/attention-sweep.log 2>&1
-echo "sweep: rc=$?"; cut -c1-200 $OUT/attention-sweep.log
