@@ -12,6 +12,9 @@
 #   OUT=... bash bench/round4.sh eval     # eval_mmbench.py, then the same questions through transformers
 #                                         # (bench/eval_hf.py): one at a time as XTuner asks them, and batched;
 #                                         # EVAL_VARIANTS="..." adds bench/eval_variant.py runs
+#   OUT=... bash bench/round4.sh diagnose # where chat.py's time goes: the split-KV GPU test, chat.py, chat.py timed
+#                                         # from inside (chat_variant.py probe) and with tokens every 8 steps and
+#                                         # one-kernel attention, HF's fastest chat, then the split-KV tile sweep
 #   OUT=... bash bench/round4.sh chat     # eval_mmbench.py, then chat.py itself vs transformers, on one random-weight
 #                                         # 8B folder; PRE_CHAT="JOB ..." runs train_runs.sh jobs between the two,
 #                                         # NO_HF_EAGER=1 leaves out HF's eager chat
@@ -46,6 +49,20 @@ case ${1:-train} in
       > "$OUT/chat-profile.log" 2>&1; echo "profile: rc=$?"; grep -a -A14 "==== decode profile" "$OUT/chat-profile.log"
     timeout 90 python3 bench/chat_cli.py hf $M --mode eager --repeat 2 --warmup 1 --out "$OUT/chat.jsonl" \
       > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -1 "$OUT/chat-hf-eager.log" ;;
+  diagnose)  # chat.py's time outside the decode step's kernels, and the split-KV kernels' settings (one call)
+    timeout 45 python3 -m pytest tests/test_decode_attention.py -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
+    echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped" "$OUT/pytest.log" | tail -3
+    folder
+    for v in "" probe sync8+onekernel; do  # probe: per-answer token bursts and gc pauses, one answer profiled
+      log="$OUT/chat-ours-$(echo ${v:-chat} | tr + -).log"
+      CHAT_PROBE="$OUT/probe.txt" timeout 90 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} \
+        --out "$OUT/chat.jsonl" > "$log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$log" | cut -c1-330
+    done
+    cat "$OUT/probe.txt"
+    timeout 80 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
+      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -1 "$OUT/chat-hf-static.log" | cut -c1-330
+    timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick > "$OUT/attention-sweep.log" 2>&1
+    echo "sweep: rc=$?"; cut -c1-200 "$OUT/attention-sweep.log" ;;
   eval)  # questions/s of eval_mmbench.py and of transformers on the same questions, prompts and pictures
     folder
     python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1
