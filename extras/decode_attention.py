@@ -8,6 +8,7 @@ An attention kernel that gives each head (or each group of heads) one program ru
 MAX_SPLITS chunks of slots, and each (row, K/V head, chunk) is one program: it computes the softmax-weighted sum of
 its chunk's values for the group of query heads sharing that K/V head, with the chunk's own maximum and sum. A
 second kernel rescales the chunks to a common maximum and adds them up: exactly the softmax over all the slots.
+With ONE_KERNEL, the last program of each (row, K/V head) to finish does that itself, one launch a layer fewer.
 
     split_kv_attention(q, k, v, keep)   q (B, H, 1, D), k, v (B, Hkv, S, D), keep (B|1, 1, 1, S) bool -> (B, H, 1, D)
 """
@@ -121,7 +122,7 @@ def split_kv_attention(q, k, v, keep):
     l = torch.empty_like(m)
     keep = keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    count = _counters(B * Hkv, q.device) if ONE_KERNEL else o
+    count = _counters(B * Hkv, q.device) if ONE_KERNEL else o  # (o: a placeholder the kernel then never reads)
     _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, count, out,
                                          D ** -0.5, S, n_split, S if keep.shape[0] > 1 else 0,
                                          HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles, COMBINE=ONE_KERNEL,
@@ -131,13 +132,12 @@ def split_kv_attention(q, k, v, keep):
     return out
 
 
-_COUNTS = {}
+_COUNTS = {}  # (device, n) -> counters, never freed: a CUDA graph captured on them may replay at any time
 
 
 def _counters(n, device):
     """n zeroed int32 arrival counters on device, kept between calls (the kernel leaves them zeroed), so that a
     CUDA graph captured after a first call replays on the same buffer. One stream at a time may use them."""
-    have = _COUNTS.get(device)
-    if have is None or have.numel() < n:
-        _COUNTS[device] = have = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return have
+    if (device, n) not in _COUNTS:
+        _COUNTS[device, n] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _COUNTS[device, n]
