@@ -51,15 +51,16 @@ def report(line):
 
 
 def probed(generate):
+    """generate, reporting for each answer its token bursts and garbage collections (the fourth answer profiled)."""
     answers = [0]
-    collections = []  # (generation, seconds) of each collection while an answer runs
+    pauses = []  # (generation, seconds) of each collection while an answer runs
     started = {}
 
     def on_gc(phase, info):
         if phase == "start":
             started["t"] = time.perf_counter()
         elif "t" in started:
-            collections.append((info["generation"], time.perf_counter() - started.pop("t")))
+            pauses.append((info["generation"], time.perf_counter() - started.pop("t")))
 
     def run(*args, **kw):
         answers[0] += 1
@@ -67,7 +68,7 @@ def probed(generate):
         arrivals = []
         user = kw["on_token"]
         kw["on_token"] = lambda row, t: (arrivals.append(time.perf_counter()), user(row, t))
-        collections.clear()
+        pauses.clear()
         gc.callbacks.append(on_gc)
         prof = None
         if n == 4 and chat.torch.cuda.is_available():
@@ -84,12 +85,12 @@ def probed(generate):
                 prof.__exit__(None, None, None)
         bursts = [arrivals[0]] + [b for a, b in zip(arrivals, arrivals[1:]) if b - a > 2e-4]
         gaps = [(b - a) * 1e3 for a, b in zip(bursts, bursts[1:])]
-        per_gen = {g: (sum(1 for x, _ in collections if x == g), sum(s for x, s in collections if x == g) * 1e3)
+        per_gen = {g: (sum(1 for x, _ in pauses if x == g), sum(s for x, s in pauses if x == g) * 1e3)
                    for g in (0, 1, 2)}
-        line = (f"answer {n}: {len(arrivals)} tokens, {(t1 - arrivals[0]) * 1e3:.1f} ms after the first, "
-                f"{len(bursts)} bursts, gap median {statistics.median(gaps) if gaps else 0:.2f} ms, max "
-                f"{max(gaps, default=0):.2f} ms; gc " + ", ".join(f"gen{g} {c}x {ms:.2f} ms" for g, (c, ms) in per_gen.items()))
-        report(line)
+        report(f"answer {n}: {len(arrivals)} tokens, {(t1 - arrivals[0]) * 1e3:.1f} ms after the first, "
+               f"{len(bursts)} bursts, gap median {statistics.median(gaps) if gaps else 0:.2f} ms, max "
+               f"{max(gaps, default=0):.2f} ms; gc "
+               + ", ".join(f"gen{g} {c}x {ms:.2f} ms" for g, (c, ms) in per_gen.items()))
         if prof is not None:
             report(profile_summary(prof, t0, t1))
         return out

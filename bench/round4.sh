@@ -55,8 +55,8 @@ case ${1:-train} in
     folder
     for v in "" probe sync8+onekernel; do  # probe: per-answer token bursts and gc pauses, one answer profiled
       log="$OUT/chat-ours-$(echo ${v:-chat} | tr + -).log"
-      CHAT_PROBE="$OUT/probe.txt" timeout 90 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} \
-        --out "$OUT/chat.jsonl" > "$log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$log" | cut -c1-330
+      CHAT_PROBE="$OUT/probe.txt" timeout 90 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 \
+        ${v:+--variant $v} --out "$OUT/chat.jsonl" > "$log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$log" | cut -c1-330
     done
     cat "$OUT/probe.txt"
     timeout 80 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
