@@ -99,9 +99,11 @@ def probed(generate):
 
 def profile_summary(prof, t0, t1):
     """GPU kernel time against the answer's wall time, the idle gaps between kernels, and the host's costliest ops."""
+    from torch.autograd import DeviceType
+
     events = prof.events()
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+                     if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
     busy, gaps, end = 0.0, [], None
     for s, e in kernels:
         if end is not None and s > end:
@@ -112,7 +114,7 @@ def profile_summary(prof, t0, t1):
     big = sorted(gaps, reverse=True)
     host, gpu = {}, {}
     for e in events:
-        side = host if e.device_type.name == "CPU" else gpu
+        side = gpu if e.device_type == DeviceType.CUDA else host
         t = e.self_cpu_time_total if side is host else e.time_range.end - e.time_range.start
         side[e.name] = side.get(e.name, 0.0) + t
     top = sorted(host.items(), key=lambda kv: -kv[1])[:10]
