@@ -28,6 +28,15 @@ M=/tmp/llava8b
 folder() {  # the random-weight 8B LLaVA folder (HF layout) that chat, eval and HF all read, written once per machine
   [ -d $M ] || { python3 bench/chat_cli.py write $M --tokenizer .whl/llama3_tokenizer.model > "$OUT/chat-write.log" 2>&1
     tail -1 "$OUT/chat-write.log"; }; }
+ours_chat() {  # chat.py on the folder (timeout $1), or the bench/chat_variant.py variant $2; OURS_EXTRA: more flags
+  local log="$OUT/chat-ours$(echo ${2:+-$2} | tr + -).log"
+  CHAT_PROBE="$OUT/probe.txt" timeout $1 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${2:+--variant $2} \
+    --extra "${OURS_EXTRA:-}" --out "$OUT/chat.jsonl" > "$log" 2>&1; echo "ours ${2:-chat.py}: rc=$?"
+  tail -1 "$log" | cut -c1-330; }
+hf_chat() {  # transformers on the folder (timeout $1): mode $2 (static-compile or eager), $3 answers after $4
+  local log="$OUT/chat-hf-${2%%-*}.log"
+  timeout $1 python3 bench/chat_cli.py hf $M --mode $2 --repeat $3 --warmup $4 --out "$OUT/chat.jsonl" > "$log" 2>&1
+  echo "hf $2: rc=$?"; tail -1 "$log" | cut -c1-330; }
 case ${1:-train} in
   train)
     RUN_TIMEOUT=${RUN_TIMEOUT:-130} bash bench/train_runs.sh "${JOBS:-qlora quant-pt pt qlora-fp16}" 2>&1 | tee "$OUT/train_runs.txt"
@@ -38,29 +47,19 @@ case ${1:-train} in
     done ;;
   decode)  # chat.py as users run it, against its earlier compilation and HF, on one random-weight 8B folder
     folder
-    for v in "" ${VARIANTS:-before}; do  # bench/chat_variant.py
-      timeout 150 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 ${v:+--variant $v} --out "$OUT/chat.jsonl" \
-        > "$OUT/chat-ours${v:+-$v}.log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$OUT/chat-ours${v:+-$v}.log"
-    done
-    timeout 130 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
-      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -1 "$OUT/chat-hf-static.log"
+    for v in "" ${VARIANTS:-before}; do ours_chat 150 $v; done
+    hf_chat 130 static-compile 4 2
     # the decode step's kernels, compiled as chat.py compiles it (the CLIP layers compiled too: prefill only)
     timeout 150 python3 bench/chat_bench.py --side ours --variants compiled_fused_sync8 --profile --eval-batches "" \
       > "$OUT/chat-profile.log" 2>&1; echo "profile: rc=$?"; grep -a -A14 "==== decode profile" "$OUT/chat-profile.log"
-    timeout 90 python3 bench/chat_cli.py hf $M --mode eager --repeat 2 --warmup 1 --out "$OUT/chat.jsonl" \
-      > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -1 "$OUT/chat-hf-eager.log" ;;
+    hf_chat 90 eager 2 1 ;;
   diagnose)  # chat.py's time outside the decode step's kernels, and the split-KV kernels' settings (one call)
     timeout 45 python3 -m pytest tests/test_decode_attention.py -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
     echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped" "$OUT/pytest.log" | tail -3
     folder
-    for v in "" probe sync8+onekernel; do  # probe: per-answer token bursts and gc pauses, one answer profiled
-      log="$OUT/chat-ours-$(echo ${v:-chat} | tr + -).log"
-      CHAT_PROBE="$OUT/probe.txt" timeout 90 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 \
-        ${v:+--variant $v} --out "$OUT/chat.jsonl" > "$log" 2>&1; echo "ours ${v:-chat.py}: rc=$?"; tail -1 "$log" | cut -c1-330
-    done
+    for v in "" probe sync8+onekernel; do ours_chat 90 $v; done  # probe: token bursts, gc pauses, a profile
     cat "$OUT/probe.txt"
-    timeout 80 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
-      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -1 "$OUT/chat-hf-static.log" | cut -c1-330
+    hf_chat 80 static-compile 4 2
     timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick > "$OUT/attention-sweep.log" 2>&1
     echo "sweep: rc=$?"; cut -c1-200 "$OUT/attention-sweep.log" ;;
   eval)  # questions/s of eval_mmbench.py and of transformers on the same questions, prompts and pictures
@@ -83,10 +82,7 @@ case ${1:-train} in
     timeout 80 python3 eval_mmbench.py --model $M --data /tmp/dd/eval.tsv --data /tmp/dd/eval_yesno.tsv --batch-size 32 \
       --max-new-tokens 8 --out "$OUT/eval" > "$OUT/eval.log" 2>&1; echo "eval: rc=$?"; grep -a "answered\|q/s\|questions/s" "$OUT/eval.log" | tail -4
     [ -n "${PRE_CHAT:-}" ] && RUN_TIMEOUT=140 bash bench/train_runs.sh "$PRE_CHAT" 2>&1 | tee "$OUT/train_runs.txt"
-    timeout 120 python3 bench/chat_cli.py ours $M --repeat 6 --warmup 2 --extra "${OURS_EXTRA:-}" --out "$OUT/chat.jsonl" \
-      > "$OUT/chat-ours.log" 2>&1; echo "ours: rc=$?"; tail -3 "$OUT/chat-ours.log"
-    timeout 130 python3 bench/chat_cli.py hf $M --mode static-compile --repeat 4 --warmup 2 --out "$OUT/chat.jsonl" \
-      > "$OUT/chat-hf-static.log" 2>&1; echo "hf static-compile: rc=$?"; tail -2 "$OUT/chat-hf-static.log"
-    [ -z "${NO_HF_EAGER:-}" ] && { timeout 90 python3 bench/chat_cli.py hf $M --mode eager --repeat 2 --warmup 1 \
-      --out "$OUT/chat.jsonl" > "$OUT/chat-hf-eager.log" 2>&1; echo "hf eager: rc=$?"; tail -2 "$OUT/chat-hf-eager.log"; } ;;
+    ours_chat 120
+    hf_chat 130 static-compile 4 2
+    [ -z "${NO_HF_EAGER:-}" ] && hf_chat 90 eager 2 1 ;;
 esac
