@@ -51,9 +51,8 @@ class Conversation:
         if args.compile and self.device.type != "cuda":
             print("(--compile is for GPUs; running eager on CPU)", file=out)
         elif args.compile is not False and self.device.type == "cuda":  # on by default on a GPU
-            # q/k/v and gate/up each read as one matrix (an adapter run keeps its LoRA / NF4 layers apart),
-            # compiled blocks with split-KV decode attention, the decode step replayed from a CUDA graph, and tokens
-            # brought to the host 4 at a time so that the GPU never waits on Python (bench/chat_bench.py)
+            # q/k/v and gate/up each one matrix (an adapter keeps LoRA / NF4 layers apart), compiled blocks with
+            # split-KV decode attention, the step replayed from a CUDA graph, tokens to the host 4 at a time
             if not unfusable_projections(model.llm):
                 fuse_projections(model.llm)
             compile_for_decoding(model.llm)

@@ -135,8 +135,7 @@ def load_generator(args, device, dtype):
     except extras.loader.LoadError as e:
         raise EvalError(str(e)) from None
     if torch.device(device).type == "cuda" and not unfusable_projections(net.llm):
-        # the model is only answered with: q/k/v and gate/up each read as one matrix; an adapter run keeps its
-        # LoRA / NF4 layers apart
+        # only answered with: q/k/v and gate/up each read as one matrix (an adapter keeps LoRA / NF4 layers apart)
         fuse_projections(net.llm)
     return make_generator(net, tok, cfg, device, dtype, args.max_new_tokens), cfg
 

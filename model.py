@@ -130,6 +130,13 @@ def decode_step(llm, token, position, cache_pos, key_valid):
     return llm.lm_head(h[:, -1]).float()
 
 
+def to_host(tokens):
+    """tokens on the host, and None; from a GPU, a copy queued like a kernel, and the event that says it is done."""
+    if not tokens.is_cuda:
+        return tokens, None
+    return tokens.to("cpu", non_blocking=True), torch.cuda.current_stream(tokens.device).record_event()
+
+
 def cache_size(llm):
     cache = llm.layers[0].self_attn.cache
     return 0 if cache is None else cache.k.shape[2]
@@ -148,13 +155,11 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
     length reuses buffers and a captured graph across calls. Returns the new tokens of each row; a row stops at its
     first stop id (kept in its list) or after max_new_tokens. The last token of each row is not fed back, so a
     follow-up turn starts with it.
-    on_token(row, token_id) is called as tokens are produced (for streaming). sync_every: decode steps between trips
-    of the new tokens to the host. At 1 each token is streamed as soon as it exists, but the GPU idles while Python
-    looks at it; at k the host queues k steps back to back and hears of their tokens (and of stop tokens) together.
-    The tokens returned are the same; up to k - 1 steps may be computed after every row stopped (their tokens are
-    dropped, and their cache slots lie past what the next turn keeps)."""
-    llm = model.llm
-    device = llm.norm.weight.device
+    on_token(row, token_id) is called as tokens are produced (for streaming). sync_every=k: the host hears of new
+    tokens (and stops) k steps at a time, the first token at once; on a GPU it queues the next step before it waits
+    (to_host), so the GPU computes while Python streams. The tokens are the same for any k; up to k steps may run
+    after every row stopped (their tokens are dropped, their cache slots lie past what the next turn keeps)."""
+    llm, device = model.llm, model.llm.norm.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     if cache_offset and B != 1:
         raise ValueError("continuing from a cache is for a single conversation (batch of one)")
@@ -168,15 +173,10 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
             llm.reset_cache()  # same shape: reuse the buffers (a CUDA graph captured on them stays valid)
         else:
             llm.setup_cache(B, cache_len, dtype=llm.embed_tokens.weight.dtype, device=device)
-    S = cache_size(llm)
 
-    ids = torch.zeros(B, T, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    for i, p in enumerate(prompts):  # left padding, built on the host and copied once
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[i, T - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    key_valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    ids = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)  # left-padded
+    valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    key_valid = torch.zeros(B, cache_size(llm), dtype=torch.bool, device=device)
     key_valid[:, :cache_offset] = True
     key_valid[:, cache_offset:cache_offset + T] = valid
     # rope positions count real tokens only, so a left-padded row is positioned exactly as if it were alone
@@ -186,34 +186,39 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
             cache_pos=torch.arange(cache_offset, cache_offset + T, device=device), key_valid=key_valid)
     logits = llm.lm_head(h[:, -1]).float()   # (B, V)
 
-    step = step_fn or decode_step
-    stops = set(stop_ids)
-    finished = [False] * B
-    out = [[] for _ in range(B)]
+    stops, finished, out = set(stop_ids), [False] * B, [[] for _ in range(B)]
     pending = []  # tokens (B,) sampled since the last sync, still on the device
-    pos = positions[:, -1]
-    slot = cache_offset + T
+
+    def read(tokens):  # (k, B) tokens on the host: streamed, stops noted; True once every row has stopped
+        for step_tokens in tokens.tolist():
+            for i, t in enumerate(step_tokens):
+                if not finished[i]:
+                    out[i].append(t)
+                    if on_token is not None:
+                        on_token(i, t)
+                    finished[i] = t in stops
+        return all(finished)
+
+    pos, slot = positions[:, -1], cache_offset + T
     cache_pos = torch.full((1,), slot, device=device)  # advanced on the device: a host tensor per step would sync
     for n in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         pending.append(token)
         last = n == max_new_tokens - 1
-        if n % sync_every == 0 or last:  # the first token at once (time to first token), then every sync_every
-            for step_tokens in torch.stack(pending).tolist():  # (k, B): the one host sync of these k steps
-                for i, t in enumerate(step_tokens):
-                    if not finished[i]:
-                        out[i].append(t)
-                        if on_token is not None:
-                            on_token(i, t)
-                        finished[i] = t in stops
-            pending = []
-            if all(finished) or last:
+        sync = n % sync_every == 0 or last
+        if sync:  # the one host sync of these k steps
+            (tokens, copied), pending = to_host(torch.stack(pending)), []
+            if copied is None and (read(tokens) or last):
                 break
-        key_valid[:, slot] = True
-        pos = pos + 1
-        logits = step(llm, token, pos, cache_pos, key_valid)
-        slot += 1
-        cache_pos = cache_pos + 1
+        if not last:
+            key_valid[:, slot] = True
+            pos = pos + 1
+            logits = (step_fn or decode_step)(llm, token, pos, cache_pos, key_valid)
+            slot, cache_pos = slot + 1, cache_pos + 1
+        if sync and copied is not None:  # the next step is queued: now wait for the copy
+            copied.synchronize()
+            if read(tokens) or last:
+                break
     return out
 
 

@@ -11,8 +11,8 @@
     sync8    chat.py's compilation, with the new tokens brought to the host every 8 decode steps instead of 4
     gcfreeze chat.py, with everything alive after each answer moved out of the garbage collector's reach
              (gc.freeze), so that no collection walks the compiler's objects during a later answer
-    onekernel chat.py, with the split-KV attention's chunks combined inside its first kernel
-             (extras.decode_attention.ONE_KERNEL): one launch a layer fewer
+    readfirst chat.py, with each sync's tokens read before the next step is queued (model.to_host brings them at
+             once), as generate did before: the GPU waits while Python streams the tokens
     exact    chat.py with a KV cache of exactly the slots an answer needs instead of chat.py's power of two from
              1,024 (as bench/chat_bench.py sizes it): each decode step's attention reads fewer empty slots
     probe    chat.py, timed from inside: for each answer, the host times at which its tokens arrived (in bursts,
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
-from extras import decode_attention  # noqa: E402
+import model  # noqa: E402
 from extras.fast_inference import DECODE_OPTIONS, use_split_kv_attention  # noqa: E402
 
 WIDE = {**DECODE_OPTIONS, "coordinate_descent_check_all_directions": True, "coordinate_descent_search_radius": 2}
@@ -135,7 +135,7 @@ VARIANTS = {  # how each variant changes chat.py
                             lambda llm: use_split_kv_attention(llm).compile_blocks(options=WIDE)),
     "sync8": lambda: wrap_generate(lambda g: lambda *a, **kw: g(*a, **{**kw, "sync_every": 8})),
     "gcfreeze": lambda: wrap_generate(lambda g: lambda *a, **kw: (g(*a, **kw), gc.freeze())[0]),
-    "onekernel": lambda: setattr(decode_attention, "ONE_KERNEL", True),
+    "readfirst": lambda: setattr(model, "to_host", lambda tokens: (tokens.cpu(), None)),
     "exact": lambda: setattr(chat, "cache_length", lambda need, context: need),
     "probe": lambda: wrap_generate(probed),
 }

@@ -4,7 +4,7 @@ K/V cache, so that none is served from L2) captured in one CUDA graph and replay
 
     python bench/decode_attention_sweep.py [--slots 1024,2048] [--replays 50]
 
-Prints µs per layer for each (BLOCK_N, MAX_SPLITS, NUM_WARPS, ONE_KERNEL) of extras/decode_attention.py, best
+Prints µs per layer for each (BLOCK_N, MAX_SPLITS, NUM_WARPS) of extras/decode_attention.py, best
 first; each setting's output is checked against SDPA's before and after its replays.
 """
 
@@ -64,9 +64,9 @@ def main():
         sdpa = graphed_us(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
                           qs, ks, vs, keep, args.replays)
         grid = ((32, 64, 128), (16, 32, 64), (4,)) if args.quick else ((16, 32, 64, 128), (16, 32, 64, 128), (2, 4))
-        for bn, splits, warps, one in itertools.product(*grid, (False, True)):
-            DA.BLOCK_N, DA.MAX_SPLITS, DA.NUM_WARPS, DA.ONE_KERNEL = bn, splits, warps, one
-            setting = f"S {S} BLOCK_N {bn} MAX_SPLITS {splits} NUM_WARPS {warps} ONE_KERNEL {one}"
+        for bn, splits, warps in itertools.product(*grid):
+            DA.BLOCK_N, DA.MAX_SPLITS, DA.NUM_WARPS = bn, splits, warps
+            setting = f"S {S} BLOCK_N {bn} MAX_SPLITS {splits} NUM_WARPS {warps}"
             try:
                 err = (DA.split_kv_attention(qs[0], ks[0], vs[0], keep).float() - want).abs().max().item()
                 us = graphed_us(DA.split_kv_attention, qs, ks, vs, keep, args.replays)
@@ -77,15 +77,14 @@ def main():
             if err > 2e-2:
                 print(f"{setting}: wrong, max error {err:.3g}")
                 continue
-            results.append((us, bn, splits, warps, one))
+            results.append((us, bn, splits, warps))
         results.sort()
         print(f"==== {S} slots: SDPA {sdpa:.2f} us/layer; split-KV best first "
-              "(us/layer, BLOCK_N, MAX_SPLITS, NUM_WARPS, ONE_KERNEL)")
-        for us, bn, splits, warps, one in results[:12]:
-            print(f"  {us:6.2f}  {bn:4d} {splits:4d} {warps:2d} {one}")
-        for one in (False, True):
-            default = [r for r in results if r[1:] == (DA_DEFAULT[0], DA_DEFAULT[1], DA_DEFAULT[2], one)]
-            print(f"  default tiles {DA_DEFAULT}, ONE_KERNEL {one}: {default[0][0]:.2f}" if default else "  missing")
+              "(us/layer, BLOCK_N, MAX_SPLITS, NUM_WARPS)")
+        for us, bn, splits, warps in results[:12]:
+            print(f"  {us:6.2f}  {bn:4d} {splits:4d} {warps:2d}")
+        default = [r for r in results if r[1:] == DA_DEFAULT]
+        print(f"  default tiles {DA_DEFAULT}: {default[0][0]:.2f}" if default else "  default tiles: missing")
         sys.stdout.flush()
 
 

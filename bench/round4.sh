@@ -12,9 +12,10 @@
 #   OUT=... bash bench/round4.sh eval     # eval_mmbench.py, then the same questions through transformers
 #                                         # (bench/eval_hf.py): one at a time as XTuner asks them, and batched;
 #                                         # EVAL_VARIANTS="..." adds bench/eval_variant.py runs
-#   OUT=... bash bench/round4.sh diagnose # where chat.py's time goes: the split-KV GPU test, chat.py, chat.py timed
-#                                         # from inside (chat_variant.py probe) and with tokens every 8 steps and
-#                                         # one-kernel attention, HF's fastest chat, then the split-KV tile sweep
+#   OUT=... bash bench/round4.sh diagnose # where chat.py's time goes: the split-KV GPU test, chat.py, chat.py with
+#                                         # each sync read before the next step is queued (chat_variant.py
+#                                         # readfirst), chat.py timed from inside (probe), HF's fastest chat;
+#                                         # SWEEP=1 adds the split-KV tile sweep
 #   OUT=... bash bench/round4.sh chat     # eval_mmbench.py, then chat.py itself vs transformers, on one random-weight
 #                                         # 8B folder; PRE_CHAT="JOB ..." runs train_runs.sh jobs between the two,
 #                                         # NO_HF_EAGER=1 leaves out HF's eager chat
@@ -54,14 +55,14 @@ case ${1:-train} in
       > "$OUT/chat-profile.log" 2>&1; echo "profile: rc=$?"; grep -a -A14 "==== decode profile" "$OUT/chat-profile.log"
     hf_chat 90 eager 2 1 ;;
   diagnose)  # chat.py's time outside the decode step's kernels, and the split-KV kernels' settings (one call)
-    timeout 45 python3 -m pytest tests/test_decode_attention.py -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
-    echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped" "$OUT/pytest.log" | tail -3
-    folder
-    for v in "" probe sync8+onekernel; do ours_chat 90 $v; done  # probe: token bursts, gc pauses, a profile
+    timeout 150 python3 -m pytest tests/test_decode_attention.py -k on_a_gpu -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
+    echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped\|Error" "$OUT/pytest.log" | tail -8
+    folder; rm -f "$OUT/chat-write.log"  # at most 8 files come back from a call
+    for v in "" readfirst probe; do ours_chat 90 $v; done  # probe: token bursts, gc pauses, a profile
     cat "$OUT/probe.txt"
     hf_chat 80 static-compile 4 2
-    timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick > "$OUT/attention-sweep.log" 2>&1
-    echo "sweep: rc=$?"; cut -c1-200 "$OUT/attention-sweep.log" ;;
+    [ -n "${SWEEP:-}" ] && { timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick \
+      > "$OUT/attention-sweep.log" 2>&1; echo "sweep: rc=$?"; cut -c1-200 "$OUT/attention-sweep.log"; } ;;
   eval)  # questions/s of eval_mmbench.py and of transformers on the same questions, prompts and pictures
     folder
     python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1

@@ -8,7 +8,6 @@ An attention kernel that gives each head (or each group of heads) one program ru
 MAX_SPLITS chunks of slots, and each (row, K/V head, chunk) is one program: it computes the softmax-weighted sum of
 its chunk's values for the group of query heads sharing that K/V head, with the chunk's own maximum and sum. A
 second kernel rescales the chunks to a common maximum and adds them up: exactly the softmax over all the slots.
-With ONE_KERNEL, the last program of each (row, K/V head) to finish does that itself, one launch a layer fewer.
 
     split_kv_attention(q, k, v, keep)   q (B, H, 1, D), k, v (B, Hkv, S, D), keep (B|1, 1, 1, S) bool -> (B, H, 1, D)
 """
@@ -23,19 +22,16 @@ except ImportError:  # a CPU-only torch ships without Triton: decode attention s
 
 BLOCK_N = 64  # cache slots per tile
 NUM_WARPS = 4  # warps per program of the partials kernel
-ONE_KERNEL = False  # combine the chunks in the partials kernel's last program instead of a second kernel
 
 
 if triton is not None:
     @triton.jit
-    def _decode_partials(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, m_ptr, l_ptr, count_ptr, out_ptr, scale, S, n_split,
-                         keep_stride, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                         BN: tl.constexpr, TILES: tl.constexpr, COMBINE: tl.constexpr, NS: tl.constexpr):
+    def _decode_partials(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, m_ptr, l_ptr, scale, S, n_split, keep_stride,
+                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                         TILES: tl.constexpr):
         """Program (b * HKV + kv head, split): the G query heads of one K/V head against slots
         [split * TILES * BN, (split + 1) * TILES * BN), as an unnormalized output, its row maxima m and sums l
-        (fp32). With COMBINE, the last program of a (row, K/V head) to finish also combines its n_split parts into
-        out, as _decode_combine would: one kernel instead of two (count_ptr: a zeroed int32 per (row, K/V head),
-        left zeroed)."""
+        (fp32)."""
         bh, split = tl.program_id(0), tl.program_id(1)
         g, d = tl.arange(0, GP), tl.arange(0, D)
         q = tl.load(q_ptr + (bh * G + g)[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)  # (GP, D)
@@ -60,29 +56,6 @@ if triton is not None:
         tl.store(o_ptr + row[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
         tl.store(m_ptr + row, m_i)
         tl.store(l_ptr + row, l_i)
-        if COMBINE:
-            # acq_rel: the parts stored above are visible to whichever program arrives last, and it sees theirs
-            if tl.atomic_add(count_ptr + bh, 1) == n_split - 1:
-                first = bh * n_split * GP
-                m_max = tl.full([GP], float("-inf"), tl.float32)
-                for part in range(NS):  # NS >= n_split, a compile-time count
-                    ok = (g < G) & (g * 0 + part < n_split)  # (GP,): a scalar condition would not do as a mask
-                    m_max = tl.maximum(m_max, tl.load(m_ptr + first + part * GP + g, mask=ok, other=float("-inf"),
-                                                      cache_modifier=".cg"))
-                m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-                total = tl.zeros([GP], tl.float32)
-                y = tl.zeros([GP, D], tl.float32)
-                for part in range(NS):
-                    ok = (g < G) & (g * 0 + part < n_split)
-                    w = tl.exp(tl.load(m_ptr + first + part * GP + g, mask=ok, other=float("-inf"),
-                                       cache_modifier=".cg") - m_ref)
-                    total += w * tl.load(l_ptr + first + part * GP + g, mask=ok, other=0.0, cache_modifier=".cg")
-                    y += w[:, None] * tl.load(o_ptr + (first + part * GP + g)[:, None] * D + d[None, :],
-                                              mask=ok[:, None], other=0.0, cache_modifier=".cg")
-                y = y / tl.where(total == 0.0, 1.0, total)[:, None]
-                tl.store(out_ptr + (bh * G + g)[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty),
-                         mask=(g < G)[:, None])
-                tl.atomic_xchg(count_ptr + bh, 0)  # zeroed again for the next call (and a CUDA graph's replay)
 
     @triton.jit
     def _decode_combine(o_ptr, m_ptr, l_ptr, out_ptr, n_split,
@@ -122,22 +95,9 @@ def split_kv_attention(q, k, v, keep):
     l = torch.empty_like(m)
     keep = keep.reshape(keep.shape[0], S).contiguous().view(torch.uint8)
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    count = _counters(B * Hkv, q.device) if ONE_KERNEL else o  # (o: a placeholder the kernel then never reads)
-    _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, count, out,
-                                         D ** -0.5, S, n_split, S if keep.shape[0] > 1 else 0,
-                                         HKV=Hkv, G=G, GP=GP, D=D, BN=BLOCK_N, TILES=tiles, COMBINE=ONE_KERNEL,
-                                         NS=triton.next_power_of_2(n_split), num_warps=NUM_WARPS)
-    if not ONE_KERNEL:
-        _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
+    _decode_partials[(B * Hkv, n_split)](q.contiguous(), k.contiguous(), v.contiguous(), keep, o, m, l, D ** -0.5, S,
+                                         n_split, S if keep.shape[0] > 1 else 0, HKV=Hkv, G=G, GP=GP, D=D,
+                                         BN=BLOCK_N, TILES=tiles, num_warps=NUM_WARPS)
+    _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
     return out
 
-
-_COUNTS = {}  # (device, n) -> counters, never freed: a CUDA graph captured on them may replay at any time
-
-
-def _counters(n, device):
-    """n zeroed int32 arrival counters on device, kept between calls (the kernel leaves them zeroed), so that a
-    CUDA graph captured after a first call replays on the same buffer. One stream at a time may use them."""
-    if (device, n) not in _COUNTS:
-        _COUNTS[device, n] = torch.zeros(n, dtype=torch.int32, device=device)
-    return _COUNTS[device, n]

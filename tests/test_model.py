@@ -167,9 +167,11 @@ def test_generate_stops_and_continues_from_cache(hf_and_ours):
     ours.float()
 
 
-def test_sync_every_and_step_fn_give_the_same_tokens(hf_and_ours):
+@pytest.mark.parametrize("queued", [False, True], ids=["host", "gpu-copy"])
+def test_sync_every_and_step_fn_give_the_same_tokens(hf_and_ours, monkeypatch, queued):
     """generate(sync_every=k) brings tokens to the host k steps at a time: the tokens returned, the on_token calls
-    and where each row stops are the same as with a sync every step; at most k - 1 steps run past the last stop.
+    and where each row stops are the same as with a sync every step; at most k - 1 steps run past the last stop, or
+    k where the copy is queued as on a GPU (the next step is queued before the host reads: to_host's event).
     A step_fn (GraphedDecodeStep on a GPU) is called in place of decode_step with the same arguments."""
     _, ours = hf_and_ours
     ours = ours.double()
@@ -179,19 +181,27 @@ def test_sync_every_and_step_fn_give_the_same_tokens(hf_and_ours):
     pixels = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
     full = M.generate(ours, prompts, pixels, max_new_tokens=12)
     stop = [full[0][4], full[1][9]]  # row 0 stops early, row 1 late
+    log = []  # what happened, in order: "step" for each decode step, a (row, token) pair for each token streamed
+    if queued:  # what to_host gives from a GPU: the tokens, and an event to wait on before reading them
+        monkeypatch.setattr(M, "to_host", lambda t: (t.clone(), type("Event", (), {"synchronize": lambda e: None})()))
     runs = []
     for k in (1, 3, 8, 20):
-        streamed, steps = [], []
+        log.clear()
 
         def step_fn(*args):
-            steps.append(1)
+            log.append("step")
             return M.decode_step(*args)
 
         out = M.generate(ours, prompts, pixels, max_new_tokens=12, stop_ids=stop, sync_every=k,
-                         on_token=lambda i, t: streamed.append((i, t)), step_fn=step_fn)
+                         on_token=lambda i, t: log.append((i, t)), step_fn=step_fn)
+        streamed, steps = [e for e in log if e != "step"], [e for e in log if e == "step"]
         runs.append((out, streamed))
         n_needed = max(len(o) for o in out) - 1  # decode steps before the last row stopped
-        assert n_needed <= len(steps) <= min(n_needed + k - 1, 11)
+        assert n_needed <= len(steps) <= min(n_needed + k - 1 + queued, 11)
+        if k == 1:  # the host reads each token before the next step, or (queued) once that step is on its way
+            assert len(steps) == n_needed + queued
+            assert log[:3] == ([(0, full[0][0]), (1, full[1][0]), "step"] if not queued else
+                               ["step", (0, full[0][0]), (1, full[1][0])])
     for out, streamed in runs:
         assert (out, streamed) == runs[0]
     for row, s in zip(runs[0][0], stop):  # each row ends at its first stop token, as the full run predicts
