@@ -15,7 +15,7 @@
 #   OUT=... bash bench/round4.sh diagnose # where chat.py's time goes: the split-KV GPU test, chat.py, chat.py with
 #                                         # each sync read before the next step is queued (chat_variant.py
 #                                         # readfirst), chat.py timed from inside (probe), HF's fastest chat;
-#                                         # SWEEP=1 adds the split-KV tile sweep
+#                                         # SWEEP=1 adds the split-KV tile sweep; DIAG_VARIANTS="..." other variants
 #   OUT=... bash bench/round4.sh chat     # eval_mmbench.py, then chat.py itself vs transformers, on one random-weight
 #                                         # 8B folder; PRE_CHAT="JOB ..." runs train_runs.sh jobs between the two,
 #                                         # NO_HF_EAGER=1 leaves out HF's eager chat
@@ -58,8 +58,8 @@ case ${1:-train} in
     timeout 150 python3 -m pytest tests/test_decode_attention.py -k on_a_gpu -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
     echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped\|Error" "$OUT/pytest.log" | tail -8
     folder; rm -f "$OUT/chat-write.log"  # at most 8 files come back from a call
-    for v in "" readfirst probe; do ours_chat 90 $v; done  # probe: token bursts, gc pauses, a profile
-    cat "$OUT/probe.txt"
+    for v in "" ${DIAG_VARIANTS-readfirst probe}; do ours_chat 90 $v; done  # probe: token bursts, gc pauses, a profile
+    [ -f "$OUT/probe.txt" ] && cat "$OUT/probe.txt"
     hf_chat 80 static-compile 4 2
     [ -n "${SWEEP:-}" ] && { timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick \
       > "$OUT/attention-sweep.log" 2>&1; echo "sweep: rc=$?"; cut -c1-200 "$OUT/attention-sweep.log"; } ;;
