@@ -16,6 +16,8 @@
 #                                         # each sync read before the next step is queued (chat_variant.py
 #                                         # readfirst), chat.py timed from inside (probe), HF's fastest chat;
 #                                         # SWEEP=1 adds the split-KV tile sweep; DIAG_VARIANTS="..." other variants
+#   OUT=... bash bench/round4.sh verify   # chat.py, chat.py reading each sync's tokens first (readfirst), HF's
+#                                         # fastest chat, then the GPU test: the shortest call that decides chat
 #   OUT=... bash bench/round4.sh chat     # eval_mmbench.py, then chat.py itself vs transformers, on one random-weight
 #                                         # 8B folder; PRE_CHAT="JOB ..." runs train_runs.sh jobs between the two,
 #                                         # NO_HF_EAGER=1 leaves out HF's eager chat
@@ -63,6 +65,12 @@ case ${1:-train} in
     hf_chat 80 static-compile 4 2
     [ -n "${SWEEP:-}" ] && { timeout 45 python3 bench/decode_attention_sweep.py --slots 1024 --quick \
       > "$OUT/attention-sweep.log" 2>&1; echo "sweep: rc=$?"; cut -c1-200 "$OUT/attention-sweep.log"; } ;;
+  verify)  # chat.py against its previous sync order and HF's fastest, then the GPU test (the measurements first)
+    folder; rm -f "$OUT/chat-write.log"
+    for v in "" readfirst; do ours_chat 90 $v; done
+    hf_chat 80 static-compile 4 2
+    timeout 120 python3 -m pytest tests/test_decode_attention.py -k on_a_gpu -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
+    echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped\|Error" "$OUT/pytest.log" | tail -8 ;;
   eval)  # questions/s of eval_mmbench.py and of transformers on the same questions, prompts and pictures
     folder
     python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1
