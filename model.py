@@ -205,7 +205,7 @@ def generate(model, prompts, pixel_values=None, max_new_tokens=256, temperature=
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         pending.append(token)
         last = n == max_new_tokens - 1
-        sync = n % sync_every == 0 or last
+        sync = n % sync_every == 0 or last  # the first token at once (time to first token), then every k
         if sync:  # the one host sync of these k steps
             (tokens, copied), pending = to_host(torch.stack(pending)), []
             if copied is None and (read(tokens) or last):
