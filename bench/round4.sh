@@ -40,6 +40,9 @@ hf_chat() {  # transformers on the folder (timeout $1): mode $2 (static-compile 
   local log="$OUT/chat-hf-${2%%-*}.log"
   timeout $1 python3 bench/chat_cli.py hf $M --mode $2 --repeat $3 --warmup $4 --out "$OUT/chat.jsonl" > "$log" 2>&1
   echo "hf $2: rc=$?"; tail -1 "$log" | cut -c1-330; }
+gpu_test() {  # the GPU test of the compiled, graphed decode step and the split-KV kernels (timeout $1)
+  timeout $1 python3 -m pytest tests/test_decode_attention.py -k on_a_gpu -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
+  echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped\|Error" "$OUT/pytest.log" | tail -8; }
 case ${1:-train} in
   train)
     RUN_TIMEOUT=${RUN_TIMEOUT:-130} bash bench/train_runs.sh "${JOBS:-qlora quant-pt pt qlora-fp16}" 2>&1 | tee "$OUT/train_runs.txt"
@@ -56,9 +59,8 @@ case ${1:-train} in
     timeout 150 python3 bench/chat_bench.py --side ours --variants compiled_fused_sync8 --profile --eval-batches "" \
       > "$OUT/chat-profile.log" 2>&1; echo "profile: rc=$?"; grep -a -A14 "==== decode profile" "$OUT/chat-profile.log"
     hf_chat 90 eager 2 1 ;;
-  diagnose)  # chat.py's time outside the decode step's kernels, and the split-KV kernels' settings (one call)
-    timeout 150 python3 -m pytest tests/test_decode_attention.py -k on_a_gpu -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
-    echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped\|Error" "$OUT/pytest.log" | tail -8
+  diagnose)  # where chat.py's time goes, against HF's fastest; SWEEP=1: the split-KV kernels' tile settings too
+    gpu_test 150
     folder; rm -f "$OUT/chat-write.log"  # at most 8 files come back from a call
     for v in "" ${DIAG_VARIANTS-readfirst probe}; do ours_chat 90 $v; done  # probe: token bursts, gc pauses, a profile
     [ -f "$OUT/probe.txt" ] && cat "$OUT/probe.txt"
@@ -69,8 +71,7 @@ case ${1:-train} in
     folder; rm -f "$OUT/chat-write.log"
     for v in "" readfirst; do ours_chat 90 $v; done
     hf_chat 80 static-compile 4 2
-    timeout 120 python3 -m pytest tests/test_decode_attention.py -k on_a_gpu -p no:cacheprovider -rA > "$OUT/pytest.log" 2>&1
-    echo "pytest: rc=$?"; grep -a "passed\|failed\|skipped\|Error" "$OUT/pytest.log" | tail -8 ;;
+    gpu_test 120 ;;
   eval)  # questions/s of eval_mmbench.py and of transformers on the same questions, prompts and pictures
     folder
     python3 demo.py data /tmp/dd --n-pretrain 8 --n-finetune 8 --n-eval 160 --image-size 336 | tail -1

@@ -100,4 +100,3 @@ def split_kv_attention(q, k, v, keep):
                                          BN=BLOCK_N, TILES=tiles, num_warps=NUM_WARPS)
     _decode_combine[(B * H,)](o, m, l, out, n_split, G=G, GP=GP, D=D, NS=triton.next_power_of_2(n_split))
     return out
-

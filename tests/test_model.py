@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import types
 
 import torch
 import pytest
@@ -183,7 +184,7 @@ def test_sync_every_and_step_fn_give_the_same_tokens(hf_and_ours, monkeypatch, q
     stop = [full[0][4], full[1][9]]  # row 0 stops early, row 1 late
     log = []  # what happened, in order: "step" for each decode step, a (row, token) pair for each token streamed
     if queued:  # what to_host gives from a GPU: the tokens, and an event to wait on before reading them
-        monkeypatch.setattr(M, "to_host", lambda t: (t.clone(), type("Event", (), {"synchronize": lambda e: None})()))
+        monkeypatch.setattr(M, "to_host", lambda t: (t.clone(), types.SimpleNamespace(synchronize=lambda: None)))
     runs = []
     for k in (1, 3, 8, 20):
         log.clear()
