@@ -47,7 +47,7 @@ from extras import loader
 from extras.checkpoint import (TORCH_DTYPES, add_trainable_parts, export_checkpoint, load_projector, model_config,
                                open_run_folder, resume_training, save_checkpoint, save_stage_output)
 from extras.distributed import (DEEPSPEED_PRESETS, all_reduce_sum, deepspeed_config, gather_union,
-                                init_distributed, log, world)
+                                init_distributed, leave_group, log, world)
 from extras.lora_dropout import pack_lora_dropout
 from extras.monitor import Progress, done, evaluate, evaluates, flops_per_token, summary
 from extras.train_data import data_report, make_loader, make_sampler, open_dataset, optimizer_steps
@@ -262,8 +262,7 @@ def make_optimizer(params, args, device, zero):
 
         return DeepSpeedCPUAdam(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                 adamw_mode=True)
-    # a torch optimizer object spares DeepSpeed's JIT-compiled ops; fused: one kernel for all parameters
-    fused = device.type in ("cuda", "cpu")
+    fused = device.type in ("cuda", "cpu")  # torch's AdamW spares DeepSpeed's JIT-built ops; fused: one kernel
     return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay, fused=fused)
 
 
@@ -390,11 +389,12 @@ def main(argv=None):
             raise SystemExit("usage: python train.py export RUN_DIR/checkpoints/step_N [OUT_DIR]")
         return export_checkpoint(*argv[1:])
     args = parse_args(argv)
-    n = os.environ.get("NPROC_PER_NODE")
-    if n and "RANK" not in os.environ:  # XTuner's way to ask for several processes: a launcher starts them here
+    if (n := os.environ.get("NPROC_PER_NODE")) and "RANK" not in os.environ:  # XTuner's way to ask for N processes
         raise SystemExit(f"NPROC_PER_NODE={n}: train.py starts no processes itself; launch it with `deepspeed "
                          f"--num_gpus {n} train.py ...` or `torchrun --nproc_per_node {n} train.py ...`")
-    return train(args)
+    result = train(args)
+    leave_group()  # several processes: every rank leaves the group together, not at the interpreter's exit
+    return result
 
 
 if __name__ == "__main__":

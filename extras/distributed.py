@@ -42,6 +42,15 @@ def init_distributed():
     return torch.device(accel.device_name())
 
 
+def leave_group():
+    """End a finished run's group of several processes, every rank together. Left to the interpreter's exit, gloo's
+    worker threads can outlive it and abort a rank (SIGABRT) after the run has succeeded; NCCL warns about it. A group
+    of one is kept: a caller in the same process may still use the engine, and there is no peer to wait for."""
+    if world() > 1:
+        barrier()
+        torch.distributed.destroy_process_group()
+
+
 def rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

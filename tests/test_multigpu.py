@@ -38,12 +38,11 @@ sys.path.insert(0, {root!r})
 import deepspeed.comm.torch
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no JIT build of DeepSpeed's CPU op
 import torch, train
-from extras.distributed import rank
 
-res = train.main(sys.argv[1:])
+res = train.main(sys.argv[1:])  # the process group is gone after it: the rank from the launcher's variable
 m = res["engine"].module  # this rank's own copy of the trainable weights (ZeRO-3: its shard only)
 torch.save({{n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}},
-           os.path.join(res["out"], f"rank{{rank()}}.pt"))
+           os.path.join(res["out"], f"rank{{os.environ['RANK']}}.pt"))
 """
 
 
