@@ -60,12 +60,16 @@ def add_trainable_parts(m, cfg):
 def model_config(args):
     """llava.json for train.py's flags (extras.loader.save_model writes it, load_model reads it), sizes read from
     the config.json of --llm and --vision. A text-only run (sft) says "vision": None and "projector": None: its model/
-    is the LLM's adapter (or full weights) alone."""
+    is the LLM's adapter (or full weights) alone. A path the run reads that is not there (--llm, --vision,
+    --init-from, --eval-image) stops it here, before the long pass over the data."""
     def read(path, cls, flag):
         if not (Path(path) / "config.json").is_file():
             raise SystemExit(f"{flag} {path}: no config.json there (give the folder of an HF checkpoint)")
         return cls.from_hf_config(read_json(Path(path) / "config.json"))
 
+    for flag, path in (("--init-from", args.init_from), ("--eval-image", args.eval_image)):  # before the data pass
+        if path and not Path(path).exists():
+            raise SystemExit(f"{flag} {path}: no such file or folder")
     vcfg = None if args.vision is None else read(args.vision, clip.CLIPConfig, "--vision")
     lcfg = read(args.llm, llama.LlamaConfig, "--llm")
     lora_cfg = lambda r, a, d, t: {"r": r, "alpha": a, "dropout": d, "targets": list(t)}  # noqa: E731

@@ -148,6 +148,8 @@ class LLaVADataset(BaseDataset):
             raise DataError(f"no records file at {self.records_path} (a --data spec is RECORDS.json[:IMAGE_FOLDER])")
         self.name = f"data {self.records_path}"
         self.image_folder = Path(image_folder) if image_folder else self.records_path.parent
+        if not self.image_folder.is_dir():  # a mistyped folder would otherwise show only as every image failing
+            raise DataError(f"image folder {self.image_folder} (for {self.records_path}): no such folder")
         self.image_tokens, self.image_size, self.image_mode, self.seed = image_tokens, image_size, image_mode, seed
         template = get_template(template)
         ids, supervised, offsets = array("i"), array("b"), [0]

@@ -30,8 +30,11 @@ def open_dataset(args, tok, cfg):
     text_only = cfg["vision"] is None
     images = {} if text_only else dict(image_tokens=cfg["image_tokens"], image_size=cfg["image_size"],
                                        image_mode=cfg["image_mode"])
-    ds = datasets.open_data(args.data, tok, cfg["template"], args.image_folder, max_length=args.max_length,
-                        progress=rank() == 0, log=log, **images)
+    try:
+        ds = datasets.open_data(args.data, tok, cfg["template"], args.image_folder, max_length=args.max_length,
+                                progress=rank() == 0, log=log, **images)
+    except datasets.DataError as e:  # a --data that cannot be read at all: the file and the reason, no traceback
+        raise SystemExit(f"--data: {e}") from None
     if rank() == 0:
         with atomic_write(Path(args.out) / "bad_records.jsonl") as f:
             f.write_text("".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in ds.problems()))

@@ -638,6 +638,11 @@ def test_show_cli(tok, ref, tmp_path, capsys):
     assert check_data.main(["show", str(path), "--tokenizer", str(tok_dir), "--n", "1"]) == 0
     text = capsys.readouterr().out
     assert "<image x576>" in text and "⟦Two dogs on a sofa.<|eot_id|>⟧" in text and "s1" not in text
+    # a file or image folder that is not there: one line naming it, no traceback
+    with pytest.raises(SystemExit, match=r"^check_data.py show: no records file at .*nope.json"):
+        check_data.main(["show", str(tmp_path / "nope.json"), "--tokenizer", str(tok_dir)])
+    with pytest.raises(SystemExit, match=r"^check_data.py show: image folder .*nope \(for .*r.json\): no such folder"):
+        check_data.main(["show", f"{path}:{tmp_path / 'nope'}", "--tokenizer", str(tok_dir)])
 
 
 def xtuner_encode(hf, turns, image_tokens):

@@ -500,6 +500,36 @@ def test_sft_names_an_image_record_in_a_mix(tiny, tmp_path):
         open_dataset(args, load_tokenizer(tiny["llm"]), train.model_config(args))
 
 
+def test_unreadable_data_stops_with_the_file_and_reason(tiny, tmp_path):
+    """A --data that cannot be read at all (missing, broken JSON, an object that is no mix) stops the run with one line that names
+    the file and what is wrong with it, not a traceback; nothing is trained."""
+    (tmp_path / "broken.json").write_text('[{"id": "a"},\n {"id": }]')
+    (tmp_path / "dict.json").write_text('{"id": "a"}')
+    for name, reason in (("missing.json", "no records file at"), ("broken.json", "invalid JSON at line 2"),
+                         ("dict.json", "a mix file holds")):  # a JSON object is read as a mix file
+        out = tmp_path / name.split(".")[0]
+        with pytest.raises(SystemExit, match=f"^--data: .*{name}.*{reason}|^--data: {reason}.*{name}"):
+            run_inprocess(base_args(tiny, out, "--max-steps", "1", data=tmp_path / name))
+        assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--image-folder", r"^--data: image folder .*nope \(for .*\): no such folder"),
+    ("--init-from", r"^--init-from .*nope: no such file or folder"),
+    ("--eval-image", r"^--eval-image .*nope: no such file or folder")])
+def test_a_mistyped_path_stops_before_training(tiny, tmp_path, flag, message):
+    """A path the run reads later (the image folder, the stage-1 projector, the eval picture) that is not there stops
+    the run at once, named with its flag, instead of a traceback after the data pass or every image failing."""
+    argv = base_args(tiny, tmp_path / "run", "--max-steps", "1")
+    if flag == "--image-folder":
+        argv[argv.index(flag) + 1] = str(tmp_path / "nope")
+    else:
+        argv += [flag, str(tmp_path / "nope")]
+    with pytest.raises(SystemExit, match=message):
+        run_inprocess(argv)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_every_bad_record_is_listed(tiny, tmp_path):
     """More bad records than the log shows (5): bad_records.jsonl holds all of them, the data report counts them all
     and names the file."""

@@ -124,8 +124,11 @@ def main(argv=None):
         problems = check(args.data, args.image_folder, tok, args.template, args.max_length, args.image_tokens,
                          args.workers)
         return 1 if problems else 0
-    ds = datasets.open_data(args.data, tok, args.template, args.image_folder, image_tokens=args.image_tokens,
-                        max_length=args.max_length)
+    try:
+        ds = datasets.open_data(args.data, tok, args.template, args.image_folder, image_tokens=args.image_tokens,
+                                max_length=args.max_length)
+    except data.DataError as e:  # the file (or its image folder) cannot be read at all: say which, no traceback
+        raise SystemExit(f"check_data.py show: {e}") from None
     n = len(ds) if args.n is None and args.jsonl else min(args.n or 3, len(ds))
     parts = ds.datasets if isinstance(ds, datasets.LLaVAMix) else [ds]
     shown = 0
