@@ -226,8 +226,8 @@ def parse_args(argv=None):
                         "a model; answers and categories from --data (without it, an MMBench table holding them). "
                         "Prints the table; writes files only with --out")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of each TSV")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per batched greedy generation")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--batch-size", type=extras.loader.count, default=8, help="questions per batched greedy generation")
+    p.add_argument("--max-new-tokens", type=extras.loader.count, default=100)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)

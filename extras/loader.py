@@ -471,6 +471,17 @@ def load_model(path=None, dtype=torch.bfloat16, device="cpu", llm=None, vision=N
     return model, tok, cfg
 
 
+def count(text):
+    """argparse type of a flag that counts something (a batch, new tokens): a whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
+
+
 def add_model_arguments(parser):
     """The model flags chat.py, eval_mmbench.py and convert.py share."""
     g = parser.add_argument_group("model (any layout: run folder, HF LLaVA, XTuner, official LLaVA, PEFT, plain LLM)")

@@ -310,6 +310,16 @@ def test_loader_errors_are_one_line_eval_errors(dev_tsv, tmp_path, monkeypatch):
         ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-new-tokens", "-3"), ("--batch-size", "x")])
+def test_a_count_below_one_is_a_usage_error(dev_tsv, tmp_path, capsys, flag, value):
+    """A batch of 0 questions (or no new tokens) cannot answer anything: argparse's usage error names the flag,
+    before any model is loaded."""
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), flag, value], load_fn=failing_loader)
+    assert e.value.code == 2
+    assert f"argument {flag}: '{value}' is not a whole number of at least 1" in capsys.readouterr().err
+
+
 def test_work_dir_of_another_model_is_refused(dev_tsv, tmp_path):
     out = tmp_path / "out"
     ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), "--out", str(out), "--limit", "1"],
