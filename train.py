@@ -78,12 +78,12 @@ def build_parser():
                    help="the LLM without adapters (default: frozen for pretrain, full otherwise)")
     g.add_argument("--lora", dest="llm_mode", action="store_const", const="lora", help="LoRA on the LLM's linears")
     g.add_argument("--qlora", dest="llm_mode", action="store_const", const="qlora", help="LoRA on a 4-bit NF4 LLM")
-    g.add_argument("--lora-r", type=int, default=64)
+    g.add_argument("--lora-r", type=loader.count, default=64)
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.05)
     g.add_argument("--vision-lora", action=argparse.BooleanOptionalAction, default=False,
                    help="LoRA on every CLIP linear (q k v out_proj fc1 fc2, all layers)")
-    g.add_argument("--vision-lora-r", type=int, default=64)
+    g.add_argument("--vision-lora-r", type=loader.count, default=64)
     g.add_argument("--vision-lora-alpha", type=float, default=16)
     g.add_argument("--vision-lora-dropout", type=float, default=0.05)
     g.add_argument("--init-from", help="projector to start from: a run's folder or model/, XTuner's iter_N.pth")
@@ -91,7 +91,7 @@ def build_parser():
     g.add_argument("--data", action="append", required=True,
                    help="RECORDS.json[l][:IMAGE_FOLDER] or a mix file (data.py); repeat to concatenate datasets")
     g.add_argument("--image-folder", help="folder the records' image paths are relative to")
-    g.add_argument("--max-length", type=int, default=2048, help="positions per sample, image positions included")
+    g.add_argument("--max-length", type=loader.count, default=2048, help="positions per sample, images included")
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
                    help="--stage sft: samples packed into rows of --max-length, each attending only to itself")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
@@ -101,11 +101,11 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of the optimizer steps spent warming up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
-    g.add_argument("--micro-batch", type=int, default=1, help="samples per GPU per forward")
-    g.add_argument("--global-batch", type=int, help="samples per optimizer step over all GPUs")
-    g.add_argument("--accumulation", type=int, help="micro-batches per optimizer step and GPU (default 1)")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    g.add_argument("--micro-batch", type=loader.count, default=1, help="samples per GPU per forward")
+    g.add_argument("--global-batch", type=loader.count, help="samples per optimizer step over all GPUs")
+    g.add_argument("--accumulation", type=loader.count, help="micro-batches per optimizer step and GPU (default 1)")
+    g.add_argument("--epochs", type=loader.count, default=1)
+    g.add_argument("--max-steps", type=loader.count, help="stop after this many optimizer steps")
     g.add_argument("--seed", type=int, default=1024, help="XTuner's README seed")
     g = p.add_argument_group("DeepSpeed and memory")
     g.add_argument("--deepspeed", default="deepspeed_zero2", metavar="NAME|JSON",
@@ -118,7 +118,7 @@ def build_parser():
                    help="torch.compile each LLM block (default: on a GPU unless ZeRO-3, off on a CPU; compile_default)")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="bf16 (or fp16 with dynamic loss scaling, for GPUs without bf16) weights, fp32 master copies")
-    g.add_argument("--loss-chunk", type=int, default=512, metavar="N",
+    g.add_argument("--loss-chunk", type=loader.count, default=512, metavar="N",
                    help="supervised positions per lm_head chunk (bounds the fp32 logits' memory: model.py)")
     g.add_argument("--cpu-embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the frozen token-embedding table in CPU memory (1 GB less on the GPU at 8B): each "
@@ -126,13 +126,13 @@ def build_parser():
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the launchers
     g = p.add_argument_group("run folder, checkpoints, evaluation")
     g.add_argument("--out", help="run folder (default runs/<stage>-<date-time>)")
-    g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the newest)")
+    g.add_argument("--save-steps", type=loader.count, default=500, help="checkpoint every N steps, and at the end")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept, the newest (0: all)")
     g.add_argument("--resume", nargs="?", const="auto", help="auto (--out's newest checkpoint), a run or checkpoint")
     g.add_argument("--eval-every", type=int, default=0, help="answer the eval prompts every N steps (0: start, end)")
     g.add_argument("--eval-image", help="image the eval prompts are about (pretrain, finetune)")
     g.add_argument("--eval-prompt", action="append", help="repeatable (default: XTuner's two; sft: none, as text)")
-    g.add_argument("--eval-max-new-tokens", type=int, default=100)
+    g.add_argument("--eval-max-new-tokens", type=loader.count, default=100)
     return p
 
 
@@ -177,8 +177,6 @@ def resolve_args(args, world_size):
         args.image_mode = "crop" if args.stage == "pretrain" else "pad"  # XTuner: pad_image_to_square only in finetune
     if args.lr is None:
         args.lr = 1e-3 if args.stage == "pretrain" else (2e-4 if args.llm_mode in ("lora", "qlora") else 2e-5)
-    if args.micro_batch < 1:
-        raise SystemExit(f"--micro-batch {args.micro_batch}: must be at least 1")
     if args.global_batch is not None:
         per_pass = args.micro_batch * world_size
         if args.global_batch % per_pass:

@@ -115,6 +115,22 @@ def test_accumulation_from_global_batch():
             train.parse_args(["--stage", "finetune", *req, *gone])
 
 
+@pytest.mark.parametrize("flag", ["--max-steps", "--epochs", "--save-steps", "--lora-r", "--vision-lora-r",
+                                  "--micro-batch", "--global-batch", "--accumulation", "--max-length", "--loss-chunk",
+                                  "--eval-max-new-tokens"])
+def test_a_count_of_zero_is_a_usage_error(flag, capsys):
+    """Each of these counts something the run needs at least one of. 0 used to be taken silently: --max-steps 0 as
+    "no limit", --lora-r 0 as adapters with no rank (the run trained, then failed to save them), --save-steps 0 as a
+    division by zero after the first step, --accumulation 0 as 1. argparse now refuses it, naming the flag."""
+    req = ["--stage", "finetune", "--llm", "x", "--vision", "y", "--data", "d.json"]
+    for value in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([*req, flag, value])
+        assert e.value.code == 2
+        assert f"argument {flag}: '{value}' is not a whole number of at least 1" in capsys.readouterr().err
+    assert getattr(train.parse_args([*req, flag, "3"]), flag[2:].replace("-", "_")) == 3
+
+
 def test_recipe_file_comments_and_override(tmp_path):
     (tmp_path / "r.args").write_text("# a recipe\n--stage finetune   # stage 2\n\n--lr 2e-5\n--eval-prompt 'two words'\n"
                                      "--llm a\n--vision b\n--data 'x y.json'\n")
