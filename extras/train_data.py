@@ -85,10 +85,15 @@ def make_loader(ds, sampler, args, cfg, epoch, start):
 
 
 def optimizer_steps(batches, accumulation):
-    """Group an epoch's micro-batches into optimizer steps of `accumulation` (the last one may be shorter)."""
+    """Group an epoch's micro-batches into optimizer steps of `accumulation` (the last one may be shorter). Data that
+    stops the run while loading (every image of a long stretch unreadable) ends it with its one-line reason."""
     it = iter(batches)
-    while micro := list(itertools.islice(it, accumulation)):
-        yield micro
+    try:
+        while micro := list(itertools.islice(it, accumulation)):
+            yield micro
+    except data.DataError as e:  # from a DataLoader worker, the message ends with the worker's "DataError: reason"
+        reason = str(e).strip().splitlines()[-1].removeprefix(f"{data.DataError.__module__}.DataError: ")
+        raise SystemExit(f"--data: {reason}") from None
 
 
 def data_report(ds, sampler, out):

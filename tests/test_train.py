@@ -4,6 +4,7 @@ The models are written by our own clip.save_clip / llama.save_llama (random weig
 Llama-3 tokenizer.model copied in (from the llama-models test dependency). References are independent of train.py:
 the loss and gradient of a plain PyTorch forward over the same samples, a run never killed, a one-process run.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -544,6 +545,18 @@ def test_a_mistyped_path_stops_before_training(tiny, tmp_path, flag, message):
     with pytest.raises(SystemExit, match=message):
         run_inprocess(argv)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_image_folder_without_the_images_stops_with_one_line(tiny, tmp_path, workers):
+    """Every image unreadable (a folder that exists but is the wrong one): the run stops at its first step with the
+    dataset's reason on one line, also when a DataLoader worker process raised it."""
+    (tmp_path / "empty").mkdir()
+    argv = base_args(tiny, tmp_path / "run", "--max-steps", "1", "--num-workers", workers, images=tmp_path / "empty")
+    with pytest.warns(data.DataWarning) if workers == "0" else contextlib.nullcontext():
+        with pytest.raises(SystemExit, match=r"^--data: 16 samples from sample \d+ of .*train.json could not load "
+                                             r"their image \(last: .*\); is the image folder .*empty right\?$"):
+            run_inprocess(argv)
 
 
 def test_every_bad_record_is_listed(tiny, tmp_path):
