@@ -225,7 +225,7 @@ def parse_args(argv=None):
                    help="score this predictions table (index, prediction columns; .jsonl, .tsv, .csv, .xlsx) without "
                         "a model; answers and categories from --data (without it, an MMBench table holding them). "
                         "Prints the table; writes files only with --out")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows of each TSV")
+    p.add_argument("--limit", type=extras.loader.count, default=None, help="only the first N rows of each TSV")
     p.add_argument("--batch-size", type=extras.loader.count, default=8, help="questions per batched greedy generation")
     p.add_argument("--max-new-tokens", type=extras.loader.count, default=100)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")

@@ -121,6 +121,8 @@ def read_benchmark(path, kind=None, required=("index", "question"), images=True)
             raise EvalError(f"{path} line {line}: {len(row)} fields, the header has {len(header)} "
                             "(a tab or quote inside a field that was not quoted?)")
         rows.append((line, dict(zip(header, row))))
+    if not rows:  # scored, it would read as 0% of nothing
+        raise EvalError(f"{path}: no questions, only a header line")
     # indices: numbers where every row's is one (12.0 included), else names, as VLMEvalKit keeps them
     numeric = all(isinstance(parse_index(r["index"]), int) for _, r in rows)
     lines = {}

@@ -94,6 +94,9 @@ def test_kind_from_name_columns_and_flag(tmp_path):
     assert read_benchmark(tmp_path / "POPE.tsv", "vqa").rules == "vqa"
     with pytest.raises(EvalError, match="missing column.*A"):  # multiple choice needs option columns
         read_benchmark(tmp_path / "POPE.tsv", "mcq")
+    # a header and no rows: refused before a model loads (it used to be scored as 0.0 of 0 questions)
+    with pytest.raises(EvalError, match=r"empty.tsv: no questions, only a header line"):
+        read_benchmark(write_tsv(tmp_path / "empty.tsv", layouts["mc"][0], []))
 
 
 def test_prompts_of_each_kind(tmp_path):

@@ -310,10 +310,11 @@ def test_loader_errors_are_one_line_eval_errors(dev_tsv, tmp_path, monkeypatch):
         ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o")])
 
 
-@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-new-tokens", "-3"), ("--batch-size", "x")])
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-new-tokens", "-3"), ("--batch-size", "x"),
+                                         ("--limit", "0")])
 def test_a_count_below_one_is_a_usage_error(dev_tsv, tmp_path, capsys, flag, value):
-    """A batch of 0 questions (or no new tokens) cannot answer anything: argparse's usage error names the flag,
-    before any model is loaded."""
+    """A batch of 0 questions, no new tokens or a limit of 0 rows cannot answer anything (--limit 0 was scored as
+    0.0 of 0 questions): argparse's usage error names the flag, before any model is loaded."""
     with pytest.raises(SystemExit) as e:
         ev.main(["--data", str(dev_tsv), "--model", str(tmp_path / "model"), flag, value], load_fn=failing_loader)
     assert e.value.code == 2
