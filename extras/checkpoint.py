@@ -216,14 +216,24 @@ def resume_point(resume, out):
     return out, found
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoints", "model")  # what a started run leaves in its folder
+
+
 def open_run_folder(args):
     """The run folder: --out, else the one --resume names, else runs/<stage>-<date-time>; created, with args.json in
-    it. Returns (folder, the checkpoint to resume from or None)."""
+    it. Returns (folder, the checkpoint to resume from or None). A new run (no --resume) does not start in a folder
+    that holds another run: its curve would be appended to that run's and its checkpoints mixed in with them."""
     resume = None
     if args.resume:
         args.out, resume = resume_point(args.resume, args.out)
     args.out = broadcast(args.out or f"runs/{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(args.out)
+    held = broadcast([name for name in RUN_FILES if (out / name).exists()] if rank() == 0 else [])
+    if held and not args.resume:
+        raise SystemExit(f"--out {out} holds a run already ({', '.join(held)}): pass --resume to continue it, or give "
+                         "a new --out (or remove that folder) to start over")
+    if args.resume and resume is None:  # --resume auto before the first checkpoint: the curve starts over too
+        truncate_metrics(out, 0)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "args.json", vars(args))

@@ -418,6 +418,25 @@ def test_two_processes_zero2_same_curve_as_one(tiny, tmp_path, runner):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_a_new_run_does_not_start_in_another_runs_folder(tiny, tmp_path):
+    """The same --out twice without --resume: the second run stops before it writes anything, so the first run's
+    curve, checkpoints and model are kept as they were (it used to append its curve to theirs and mix its
+    checkpoints in). --resume auto in a folder whose run died before its first checkpoint starts over, curve too."""
+    out = tmp_path / "run"
+    run_inprocess(base_args(tiny, out, "--max-steps", "1"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"^--out .*run holds a run already \(metrics.jsonl, checkpoints, model\): "
+                                         r"pass --resume to continue it"):
+        run_inprocess(base_args(tiny, out, "--max-steps", "2"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    died = tmp_path / "died"  # killed at step 3, before any checkpoint: only its curve is there
+    died.mkdir()
+    (died / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (1, 2, 3)))
+    run_inprocess(base_args(tiny, died, "--max-steps", "2", "--resume", "auto"))
+    assert [(r["step"], r["loss"] != 99.0) for r in metrics(died)] == [(1, True), (2, True)]
+
+
 def test_kill_and_resume_is_exact(tiny, tmp_path, runner):
     """LoRA with dropout (the RNG matters), length-grouped sampler, 2 epochs of 4 steps, checkpoints every 3 steps.
     Killed after step 5, resumed and killed again inside the step-6 checkpoint write, resumed again: the losses and
