@@ -46,7 +46,7 @@ import lora
 from extras import loader
 from extras.checkpoint import (TORCH_DTYPES, add_trainable_parts, export_checkpoint, load_projector, model_config,
                                open_run_folder, resume_training, save_checkpoint, save_stage_output)
-from extras.distributed import (DEEPSPEED_PRESETS, all_reduce_sum, deepspeed_config, gather_union,
+from extras.distributed import (DEEPSPEED_PRESETS, all_reduce_sum, deepspeed_choice, deepspeed_config, gather_union,
                                 init_distributed, leave_group, log, world)
 from extras.lora_dropout import pack_lora_dropout
 from extras.monitor import Progress, done, evaluate, evaluates, flops_per_token, summary
@@ -108,7 +108,7 @@ def build_parser():
     g.add_argument("--max-steps", type=loader.count, help="stop after this many optimizer steps")
     g.add_argument("--seed", type=int, default=1024, help="XTuner's README seed")
     g = p.add_argument_group("DeepSpeed and memory")
-    g.add_argument("--deepspeed", default="deepspeed_zero2", metavar="NAME|JSON",
+    g.add_argument("--deepspeed", type=deepspeed_choice, default="deepspeed_zero2", metavar="NAME|JSON",
                    help=f"{' | '.join(DEEPSPEED_PRESETS)}, or a .json over deepspeed_zero2 ('auto' keeps ours)")
     g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each LLM block in backward instead of storing its activations")
@@ -152,8 +152,6 @@ def parse_args(argv=None):
     args = parser.parse_args(recipe + given)  # the command line last: its flags override the recipe's
     if args.global_batch is not None and args.accumulation is not None:
         parser.error("--global-batch and --accumulation both size the optimizer step: give one of them")
-    if args.deepspeed not in DEEPSPEED_PRESETS and not args.deepspeed.endswith(".json"):
-        parser.error(f"--deepspeed {args.deepspeed}: give one of {', '.join(DEEPSPEED_PRESETS)} or a DeepSpeed .json")
     if args.stage == "sft":
         images = [flag for flag, value in (("--vision", args.vision), ("--vision-lora", args.vision_lora),
                                            ("--init-from", args.init_from), ("--eval-image", args.eval_image)) if value]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import clip
+import data
 import llama
 import lora
 from extras import loader
@@ -61,7 +62,8 @@ def model_config(args):
     """llava.json for train.py's flags (extras.loader.save_model writes it, load_model reads it), sizes read from
     the config.json of --llm and --vision. A text-only run (sft) says "vision": None and "projector": None: its model/
     is the LLM's adapter (or full weights) alone. A path the run reads that is not there (--llm, --vision,
-    --init-from, --eval-image) stops it here, before the long pass over the data."""
+    --init-from, --eval-image), an eval image that does not open, an unknown --template or a --select-layer the CLIP
+    does not have stops it here, before the long pass over the data."""
     def read(path, cls, flag):
         if not (Path(path) / "config.json").is_file():
             raise SystemExit(f"{flag} {path}: no config.json there (give the folder of an HF checkpoint)")
@@ -70,7 +72,17 @@ def model_config(args):
     for flag, path in (("--init-from", args.init_from), ("--eval-image", args.eval_image)):  # before the data pass
         if path and not Path(path).exists():
             raise SystemExit(f"{flag} {path}: no such file or folder")
+    if args.template not in data.TEMPLATES:
+        raise SystemExit(f"--template {args.template}: no such template; give one of {', '.join(data.TEMPLATES)}")
+    if args.eval_image:
+        try:
+            clip.load_image(args.eval_image)
+        except clip.ImageError as e:
+            raise SystemExit(f"--eval-image: {e}") from None
     vcfg = None if args.vision is None else read(args.vision, clip.CLIPConfig, "--vision")
+    if vcfg and not -vcfg.num_layers - 1 <= args.select_layer <= vcfg.num_layers:  # CLIP's hidden_states indices
+        raise SystemExit(f"--select-layer {args.select_layer}: out of range for the {vcfg.num_layers}-layer CLIP "
+                         f"in {args.vision} (from {-vcfg.num_layers - 1} to {vcfg.num_layers}; LLaVA's is -2)")
     lcfg = read(args.llm, llama.LlamaConfig, "--llm")
     lora_cfg = lambda r, a, d, t: {"r": r, "alpha": a, "dropout": d, "targets": list(t)}  # noqa: E731
     llm_lora = lora_cfg(args.lora_r, args.lora_alpha, args.lora_dropout, LLM_LORA_TARGETS)

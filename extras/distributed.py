@@ -6,8 +6,10 @@ also works without a group (one process: rank 0 of 1), so tests and tools can ca
 MASTER_PORT; a plain `python train.py` sets them itself for a group of one.
 """
 
+import argparse
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,14 @@ from weights import read_json
 DEEPSPEED_PRESETS = {"deepspeed_zero0": (0, False), "deepspeed_zero1": (1, False), "deepspeed_zero2": (2, False),
                      "deepspeed_zero2_offload": (2, True), "deepspeed_zero3": (3, False),
                      "deepspeed_zero3_offload": (3, True)}
+
+
+def deepspeed_choice(text):
+    """argparse type of --deepspeed: a preset's name, or a DeepSpeed .json file that is there."""
+    if text in DEEPSPEED_PRESETS or (text.endswith(".json") and Path(text).is_file()):
+        return text
+    why = "no such file" if text.endswith(".json") else "no such preset"
+    raise argparse.ArgumentTypeError(f"{text}: {why}; give one of {', '.join(DEEPSPEED_PRESETS)} or a DeepSpeed .json")
 
 
 def free_port():
@@ -141,7 +151,11 @@ def deepspeed_config(args, trainable=None, world_size=None):
         "wall_clock_breakdown": False,
     }
     if args.deepspeed.endswith(".json"):
-        cfg = merge_config(cfg, read_json(args.deepspeed))
+        try:
+            theirs = read_json(args.deepspeed)
+        except ValueError as e:  # json's JSONDecodeError is one
+            raise SystemExit(f"--deepspeed {args.deepspeed}: not valid JSON ({e})") from None
+        cfg = merge_config(cfg, theirs)
     if cfg["fp16"].get("enabled") is True and cfg["zero_optimization"].get("stage", 0) == 0:
         raise SystemExit(f"--dtype fp16 with ZeRO-0 ({args.deepspeed}): DeepSpeed 0.19 scales the fp16 loss only under "
                          f"ZeRO 1-3 (ZeRO-0 unscales gradients it never scaled); use --deepspeed deepspeed_zero2")

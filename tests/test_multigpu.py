@@ -141,8 +141,10 @@ def test_recipe_global_batch_that_cannot_divide():
     assert load_recipe("pretrain", 32, "--micro-batch", "8").accumulation == 1
 
 
-def test_xtuner_deepspeed_names():
+def test_xtuner_deepspeed_names(tmp_path, monkeypatch, capsys):
     """`--deepspeed NAME` as XTuner spells it (the one way to choose the ZeRO stage), or a DeepSpeed JSON."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.json").write_text('{"zero_optimization": {"stage": 3}}')
     stage = lambda a: train.deepspeed_config(a)["zero_optimization"]  # noqa: E731
     a = load_recipe("pretrain", 1)
     assert a.deepspeed == "deepspeed_zero2" and stage(a)["stage"] == 2 and "offload_optimizer" not in stage(a)
@@ -151,10 +153,18 @@ def test_xtuner_deepspeed_names():
     assert (z["stage"], z["offload_optimizer"]["device"]) == (2, "cpu")
     a = load_recipe("pretrain", 1, "--deepspeed", "deepspeed_zero3", "--deepspeed", "deepspeed_zero1")  # the last
     assert stage(a) == {"stage": 1, "overlap_comm": True}
-    assert load_recipe("pretrain", 1, "--deepspeed", "my.json").deepspeed == "my.json"
+    a = load_recipe("pretrain", 1, "--deepspeed", "my.json")
+    assert a.deepspeed == "my.json" and stage(a)["stage"] == 3
     for wrong in (["--deepspeed", "deepspeed_zero4"], ["--zero", "3"], ["--deepspeed-config", "my.json"]):
         with pytest.raises(SystemExit):
             load_recipe("pretrain", 1, *wrong)
+    # a JSON that is not there stops at the command line (it used to fail after the whole data pass), naming it
+    with pytest.raises(SystemExit):
+        load_recipe("pretrain", 1, "--deepspeed", "other.json")
+    assert "argument --deepspeed: other.json: no such file; give one of deepspeed_zero0" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 3,}}')
+    with pytest.raises(SystemExit, match=r"^--deepspeed bad.json: not valid JSON \(.*line 1"):
+        stage(load_recipe("pretrain", 1, "--deepspeed", "bad.json"))
 
 
 def test_one_launch_path(monkeypatch):

@@ -6,6 +6,7 @@ the loss and gradient of a plain PyTorch forward over the same samples, a run ne
 """
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -576,6 +577,26 @@ def test_an_image_folder_without_the_images_stops_with_one_line(tiny, tmp_path, 
         with pytest.raises(SystemExit, match=r"^--data: 16 samples from sample \d+ of .*train.json could not load "
                                              r"their image \(last: .*\); is the image folder .*empty right\?$"):
             run_inprocess(argv)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--template", "nope"], r"^--template nope: no such template; give one of .*llama3_chat"),
+    (["--select-layer", "5"], r"^--select-layer 5: out of range for the 2-layer CLIP in .*vision \(from -3 to 2;"),
+    (["--select-layer", "-4"], r"^--select-layer -4: out of range for the 2-layer CLIP"),
+    (["--eval-image", "{data}"], r"^--eval-image: cannot read image .*train.json")])
+def test_a_wrong_setting_stops_before_training(tiny, tmp_path, flags, message):
+    """An unknown template, a CLIP layer the tower does not have, an eval image that is no image: stopped at once
+    with the flag named (each used to be a traceback after the data pass, at the first eval or the first step)."""
+    flags = [f.format(data=tiny["data"]) for f in flags]
+    with pytest.raises(SystemExit, match=message):
+        run_inprocess(base_args(tiny, tmp_path / "run", "--max-steps", "1", *flags))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_select_layer_at_either_end_of_the_range_trains(tiny, tmp_path):
+    for layer in ("-3", "2"):  # a 2-layer CLIP: its embeddings and its last block
+        res = run_inprocess(base_args(tiny, tmp_path / f"run{layer}", "--max-steps", "1", "--select-layer", layer))
+        assert len(res["losses"]) == 1 and math.isfinite(res["losses"][0])
 
 
 def test_every_bad_record_is_listed(tiny, tmp_path):
