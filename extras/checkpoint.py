@@ -62,8 +62,8 @@ def model_config(args):
     """llava.json for train.py's flags (extras.loader.save_model writes it, load_model reads it), sizes read from
     the config.json of --llm and --vision. A text-only run (sft) says "vision": None and "projector": None: its model/
     is the LLM's adapter (or full weights) alone. A path the run reads that is not there (--llm, --vision,
-    --init-from, --eval-image), an eval image that does not open, an unknown --template or a --select-layer the CLIP
-    does not have stops it here, before the long pass over the data."""
+    --init-from, --eval-image), an --init-from without a projector, an eval image that does not open, an unknown
+    --template or a --select-layer the CLIP does not have stops it here, before the long pass over the data."""
     def read(path, cls, flag):
         if not (Path(path) / "config.json").is_file():
             raise SystemExit(f"{flag} {path}: no config.json there (give the folder of an HF checkpoint)")
@@ -72,6 +72,12 @@ def model_config(args):
     for flag, path in (("--init-from", args.init_from), ("--eval-image", args.eval_image)):  # before the data pass
         if path and not Path(path).exists():
             raise SystemExit(f"{flag} {path}: no such file or folder")
+    if args.init_from:  # read here and again when the model is built: a wrong file costs seconds, not the data pass
+        try:
+            loader.read_projector(args.init_from)
+        except Exception as e:  # the layouts it reads fail in many ways (a pickle, a folder, missing keys)
+            raise SystemExit(f"--init-from {args.init_from}: no projector could be read there ({type(e).__name__}: "
+                             f"{e}); give a stage-1 run's folder or model/, or XTuner's iter_N.pth") from None
     if args.template not in data.TEMPLATES:
         raise SystemExit(f"--template {args.template}: no such template; give one of {', '.join(data.TEMPLATES)}")
     if args.eval_image:

@@ -583,11 +583,13 @@ def test_an_image_folder_without_the_images_stops_with_one_line(tiny, tmp_path, 
     (["--template", "nope"], r"^--template nope: no such template; give one of .*llama3_chat"),
     (["--select-layer", "5"], r"^--select-layer 5: out of range for the 2-layer CLIP in .*vision \(from -3 to 2;"),
     (["--select-layer", "-4"], r"^--select-layer -4: out of range for the 2-layer CLIP"),
-    (["--eval-image", "{data}"], r"^--eval-image: cannot read image .*train.json")])
+    (["--eval-image", "{data}"], r"^--eval-image: cannot read image .*train.json"),
+    (["--init-from", "{data}"], r"^--init-from .*train.json: no projector could be read there \(.*\); give a stage-1"),
+    (["--init-from", "{images}"], r"^--init-from .*images: no projector could be read there \(.*\); give a stage-1")])
 def test_a_wrong_setting_stops_before_training(tiny, tmp_path, flags, message):
     """An unknown template, a CLIP layer the tower does not have, an eval image that is no image: stopped at once
     with the flag named (each used to be a traceback after the data pass, at the first eval or the first step)."""
-    flags = [f.format(data=tiny["data"]) for f in flags]
+    flags = [f.format(data=tiny["data"], images=tiny["images"]) for f in flags]
     with pytest.raises(SystemExit, match=message):
         run_inprocess(base_args(tiny, tmp_path / "run", "--max-steps", "1", *flags))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
