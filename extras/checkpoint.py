@@ -246,11 +246,12 @@ def open_run_folder(args):
         args.out, resume = resume_point(args.resume, args.out)
     args.out = broadcast(args.out or f"runs/{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(args.out)
-    held = broadcast([name for name in RUN_FILES if (out / name).exists()] if rank() == 0 else [])
-    if held and not args.resume:
-        raise SystemExit(f"--out {out} holds a run already ({', '.join(held)}): pass --resume to continue it, or give "
-                         "a new --out (or remove that folder) to start over")
-    if args.resume and resume is None:  # --resume auto before the first checkpoint: the curve starts over too
+    if not args.resume:
+        held = broadcast([name for name in RUN_FILES if (out / name).exists()] if rank() == 0 else [])
+        if held:
+            raise SystemExit(f"--out {out} holds a run already ({', '.join(held)}): pass --resume to continue it, or "
+                             "give a new --out (or remove that folder) to start over")
+    elif resume is None:  # --resume auto before the first checkpoint: the curve starts over too
         truncate_metrics(out, 0)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
